@@ -1,0 +1,669 @@
+"""etc/server.yaml and worker.yaml as frozen attrs classes (SPEC §3, §4).
+
+Each key is described once, on its attrs field: a default plus a *kind* (a small
+checker/converter in the field metadata).  One generic walker checks a YAML
+mapping against a class, so adding a key is one line, and every error or warning
+names file:line:column and the dotted key, so users can jump straight to it.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import attrs
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+__all__ = [
+    "ConfigError", "ConfigWarning", "ServerConfig", "ServerSection",
+    "WorkersSection", "FileWatcherSection", "MetricsSection", "HealthSection",
+    "AdminSection", "WorkerConfig", "GoConfig", "PythonConfig", "BunConfig",
+    "KotlinConfig", "PhpConfig", "PhpPoolConfig", "ScalingConfig",
+    "TimeoutsConfig", "WORKER_TYPES", "load_server_config",
+    "load_worker_config", "default_server_config", "default_worker_config",
+    "parse_size",
+]
+
+WORKER_TYPES = ("go", "python", "bun", "php", "kotlin", "command")
+
+Position = Tuple[Optional[int], Optional[int]]
+
+
+def _format(file, line, column, key, message) -> str:
+    """file:line:column: key: message, leaving out what is unknown."""
+    loc = [str(file)] if file else []
+    if line is not None:
+        loc.append(str(line))
+        if column is not None:
+            loc.append(str(column))
+    parts = [":".join(loc)] if loc else []
+    if key:
+        parts.append(key)
+    parts.append(message)
+    return ": ".join(parts)
+
+
+class ConfigError(Exception):
+    """An invalid configuration; positions are 1-based so editors can jump to them."""
+
+    def __init__(self, message: str, file: Optional[str] = None,
+                 line: Optional[int] = None, column: Optional[int] = None,
+                 key: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.line = line
+        self.column = column
+        self.key = key
+
+    def __str__(self) -> str:
+        return _format(self.file, self.line, self.column, self.key, self.message)
+
+    def __repr__(self) -> str:
+        return f"ConfigError({str(self)!r})"
+
+
+@attrs.frozen
+class ConfigWarning:
+    """Something that loads but is probably a mistake (an unknown key)."""
+
+    file: Optional[str]
+    line: Optional[int]
+    column: Optional[int]
+    key: Optional[str]
+    message: str
+
+    def __str__(self) -> str:
+        return _format(self.file, self.line, self.column, self.key, self.message)
+
+
+# ---------------------------------------------------------------------------
+# Kinds: callables (value, ctx, key, pos) -> converted value, or raise.
+
+Kind = Callable[[Any, "_Context", str, Position], Any]
+
+
+def _describe(value: Any) -> str:
+    """Name a YAML value the way a user wrote it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {int(value)}"
+    if isinstance(value, float):
+        return f"number {float(value)}"
+    if isinstance(value, str):
+        return f"string {str(value)!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_range(value, lo, hi, ctx, key, pos) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if hi is None:
+            bound = f"must be >= {lo}"
+        elif lo is None:
+            bound = f"must be <= {hi}"
+        else:
+            bound = f"must be between {lo} and {hi}"
+        raise ctx.error(key, pos, f"{bound}, got {value}")
+
+
+def _int(lo: Optional[int] = None, hi: Optional[int] = None) -> Kind:
+    def check(value, ctx, key, pos):
+        if not _is_int(value):
+            raise ctx.error(key, pos, f"expected an integer, got {_describe(value)}")
+        _check_range(int(value), lo, hi, ctx, key, pos)
+        return int(value)
+    return check
+
+
+def _float(lo: Optional[float] = 0) -> Kind:
+    def check(value, ctx, key, pos):
+        if not (_is_int(value) or isinstance(value, float)):
+            raise ctx.error(key, pos, f"expected a number, got {_describe(value)}")
+        _check_range(float(value), lo, None, ctx, key, pos)
+        return float(value)
+    return check
+
+
+def _bool(value, ctx, key, pos):
+    if not isinstance(value, bool):
+        raise ctx.error(key, pos, f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _str(null_ok: bool = False, numbers_ok: bool = False) -> Kind:
+    """A string; null means "" where "" is the default, numbers where they make sense."""
+    def check(value, ctx, key, pos):
+        if value is None and null_ok:
+            return ""
+        if numbers_ok and (_is_int(value) or isinstance(value, float)):
+            return str(value)
+        if not isinstance(value, str):
+            raise ctx.error(key, pos, f"expected a string, got {_describe(value)}")
+        return str(value)
+    return check
+
+
+def _optional(kind: Kind) -> Kind:
+    def check(value, ctx, key, pos):
+        return None if value is None else kind(value, ctx, key, pos)
+    return check
+
+
+def _choice(*choices: str) -> Kind:
+    def check(value, ctx, key, pos):
+        if isinstance(value, str) and value in choices:
+            return str(value)
+        message = f"must be one of {', '.join(choices)}, got {_describe(value)}"
+        close = difflib.get_close_matches(str(value), choices, 1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+        raise ctx.error(key, pos, message)
+    return check
+
+
+def _url_path(value, ctx, key, pos):
+    value = _str()(value, ctx, key, pos)
+    if not value.startswith("/"):
+        raise ctx.error(key, pos, f"must start with '/', got {value!r}")
+    return value
+
+
+def _size(value, ctx, key, pos):
+    if _is_int(value):
+        _check_range(int(value), 0, None, ctx, key, pos)
+        return int(value)
+    if value is None or isinstance(value, str):
+        try:
+            return parse_size(value or "")
+        except ValueError as e:
+            raise ctx.error(key, pos, str(e))
+    raise ctx.error(key, pos, f"expected a size such as \"512MiB\", got {_describe(value)}")
+
+
+def _log_file(value, ctx, key, pos):
+    """~, null or "" all mean: no log file (None)."""
+    if value is None or value in ("", "~"):
+        return None
+    return _str()(value, ctx, key, pos)
+
+
+def _enabled(value, ctx, key, pos):
+    if isinstance(value, bool):
+        return value
+    aliases = {"development": "development", "dev": "development",
+               "production": "production", "prod": "production"}
+    if isinstance(value, str) and value in aliases:
+        return aliases[value]
+    raise ctx.error(key, pos, "must be true, false, \"development\" or \"production\", "
+                              f"got {_describe(value)}")
+
+
+def _proxy_processes(value, ctx, key, pos):
+    if value == "auto":
+        return "auto"
+    if not _is_int(value):
+        raise ctx.error(key, pos, f"expected an integer or \"auto\", got {_describe(value)}")
+    _check_range(int(value), 1, None, ctx, key, pos)
+    return int(value)
+
+
+def _scalar_text(value, ctx, key, pos) -> str:
+    """Environment-ish values: numbers and booleans become the text users expect."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ctx.error(key, pos, f"expected a string, got {_describe(value)}")
+
+
+def _str_list(numbers_ok: bool = False) -> Kind:
+    item_kind = _str(numbers_ok=numbers_ok)
+
+    def check(value, ctx, key, pos):
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ctx.error(key, pos, f"expected a list, got {_describe(value)}")
+        return tuple(item_kind(item, ctx, f"{key}[{i}]", _item_pos(value, i, pos))
+                     for i, item in enumerate(value))
+    return check
+
+
+def _str_map(value, ctx, key, pos):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ctx.error(key, pos, f"expected a mapping, got {_describe(value)}")
+    return {str(k): _scalar_text(v, ctx, f"{key}.{k}", _value_pos(value, k, pos))
+            for k, v in value.items()}
+
+
+def _section(cls: type) -> Kind:
+    def check(value, ctx, key, pos):
+        node = _as_mapping(value, ctx, key, pos)
+        return _build(cls, node, ctx, key + ".")
+    return check
+
+
+def _f(default: Any, kind: Kind, section: Optional[type] = None):
+    """An attrs field with its YAML kind; mutable defaults are copied per instance."""
+    metadata = {"kind": kind, "section": section}
+    if isinstance(default, dict):
+        return attrs.field(factory=dict, metadata=metadata)
+    if section is not None:
+        return attrs.field(factory=section, metadata=metadata)
+    return attrs.field(default=default, metadata=metadata)
+
+
+def _sub(cls: type):
+    return _f(None, _section(cls), section=cls)
+
+
+def _positions():
+    """Where each dotted key's value was written; not part of equality."""
+    return attrs.field(factory=dict, eq=False, repr=False)
+
+
+# ---------------------------------------------------------------------------
+# etc/server.yaml
+
+@attrs.frozen
+class ServerSection:
+    port: int = _f(8080, _int(1, 65535))
+    host: str = _f("0.0.0.0", _str())
+    read_timeout_seconds: float = _f(30.0, _float())
+    write_timeout_seconds: float = _f(30.0, _float())
+    idle_timeout_seconds: float = _f(120.0, _float())
+    log_file: Optional[str] = _f("logs/tqserver_{date}.log", _log_file)
+    access_log: bool = _f(True, _bool)
+    max_body_bytes: int = _f(104857600, _size)
+    trusted_proxies: Tuple[str, ...] = _f((), _str_list())
+    proxy_processes: Union[int, str] = _f(1, _proxy_processes)
+
+
+@attrs.frozen
+class WorkersSection:
+    directory: str = _f("workers", _str())
+    port_range_start: int = _f(9000, _int(1, 65535))
+    port_range_end: int = _f(9999, _int(1, 65535))
+    startup_delay_ms: int = _f(100, _int(0))
+    startup_timeout_ms: int = _f(10000, _int(0))
+    restart_delay_ms: int = _f(100, _int(0))
+    shutdown_grace_period_ms: int = _f(500, _int(0))
+    kill_timeout_ms: int = _f(5000, _int(0))
+    health_check_interval_ms: int = _f(10000, _int(1))
+    health_check_timeout_ms: int = _f(1000, _int(1))
+    health_check_failures: int = _f(3, _int(1))
+    restart_backoff_min_ms: int = _f(100, _int(0))
+    restart_backoff_max_ms: int = _f(30000, _int(0))
+
+
+@attrs.frozen
+class FileWatcherSection:
+    debounce_ms: int = _f(50, _int(0))
+    ignore: Tuple[str, ...] = _f(
+        (".git", "node_modules", "bin", "*.swp", "*~", ".#*", "__pycache__"), _str_list())
+
+
+@attrs.frozen
+class MetricsSection:
+    enabled: bool = _f(True, _bool)
+    path: str = _f("/metrics", _url_path)
+    public: bool = _f(False, _bool)  # serve /metrics to non-loopback clients too
+
+
+@attrs.frozen
+class HealthSection:
+    path: str = _f("/health", _url_path)
+
+
+@attrs.frozen
+class AdminSection:
+    path: str = _f("/_tqserver", _url_path)
+    token: str = _f("", _str(null_ok=True))  # non-empty: non-loopback clients may use it
+
+
+@attrs.frozen
+class ServerConfig:
+    server: ServerSection = _sub(ServerSection)
+    workers: WorkersSection = _sub(WorkersSection)
+    file_watcher: FileWatcherSection = _sub(FileWatcherSection)
+    metrics: MetricsSection = _sub(MetricsSection)
+    health: HealthSection = _sub(HealthSection)
+    admin: AdminSection = _sub(AdminSection)
+    source: str = attrs.field(default="")
+    positions: Dict[str, Position] = _positions()
+
+
+# ---------------------------------------------------------------------------
+# worker.yaml
+
+@attrs.frozen
+class GoConfig:
+    go_max_procs: int = _f(2, _int(0))
+    go_mem_limit: str = _f("", _str(null_ok=True, numbers_ok=True))
+    max_requests: int = _f(0, _int(0))
+    build_flags: Tuple[str, ...] = _f((), _str_list())
+
+
+@attrs.frozen
+class PythonConfig:
+    entrypoint: str = _f("src/main.py", _str())
+
+
+@attrs.frozen
+class BunConfig:
+    entrypoint: str = _f("index.ts", _str())
+    env: Dict[str, str] = _f({}, _str_map)
+
+
+@attrs.frozen
+class KotlinConfig:
+    main_class: str = _f("", _str(null_ok=True))
+    jvm_args: Tuple[str, ...] = _f((), _str_list(numbers_ok=True))
+
+
+@attrs.frozen
+class PhpPoolConfig:
+    manager: str = _f("dynamic", _choice("dynamic", "static", "ondemand"))
+    min_workers: int = _f(1, _int(0))
+    max_workers: int = _f(5, _int(1))
+    start_workers: int = _f(2, _int(0))
+    max_requests: int = _f(0, _int(0))
+    request_timeout: int = _f(30, _int(0))
+    idle_timeout: int = _f(10, _int(0))
+    listen_address: str = _f("127.0.0.1", _str())
+
+
+@attrs.frozen
+class PhpConfig:
+    binary: str = _f("", _str(null_ok=True))
+    config_file: str = _f("", _str(null_ok=True))
+    settings: Dict[str, str] = _f({}, _str_map)
+    pool: PhpPoolConfig = _sub(PhpPoolConfig)
+
+
+@attrs.frozen
+class ScalingConfig:
+    min_workers: int = _f(1, _int(1))
+    max_workers: int = _f(1, _int(1))
+    queue_threshold: int = _f(10, _int(1))
+    scale_down_delay: float = _f(60.0, _float())
+
+
+@attrs.frozen
+class TimeoutsConfig:
+    read_timeout_seconds: float = _f(30.0, _float())
+    write_timeout_seconds: float = _f(30.0, _float())
+    idle_timeout_seconds: float = _f(120.0, _float())
+
+
+@attrs.frozen
+class _LoggingConfig:
+    """Only read to fill WorkerConfig.log_file; `logging.level` etc. are legacy."""
+    log_file: Optional[str] = _f("logs/worker_{name}_{date}.log", _log_file)
+
+
+@attrs.frozen
+class WorkerConfig:
+    path: Optional[str] = _f(None, _optional(_url_path))
+    type: Optional[str] = _f(None, _optional(_choice(*WORKER_TYPES)))
+    enabled: Union[bool, str] = _f(True, _enabled)
+    strip_prefix: bool = _f(True, _bool)
+    working_directory: str = _f("worker", _choice("worker", "project"))
+    health_path: str = _f("/health", _url_path)
+    env: Dict[str, str] = _f({}, _str_map)
+    max_requests: int = _f(0, _int(0))
+    memory_limit: int = _f(0, _size)
+    command: Tuple[str, ...] = _f((), _str_list(numbers_ok=True))
+    go: GoConfig = _sub(GoConfig)
+    python: PythonConfig = _sub(PythonConfig)
+    bun: BunConfig = _sub(BunConfig)
+    kotlin: KotlinConfig = _sub(KotlinConfig)
+    php: PhpConfig = _sub(PhpConfig)
+    scaling: ScalingConfig = _sub(ScalingConfig)
+    timeouts: TimeoutsConfig = _sub(TimeoutsConfig)
+    log_file: Optional[str] = _f("logs/worker_{name}_{date}.log", _log_file)
+    source: str = attrs.field(default="")
+    positions: Dict[str, Position] = _positions()
+
+    def enabled_in(self, mode: str) -> bool:
+        """Whether this worker runs in mode "dev" or "prod" (long names accepted)."""
+        if isinstance(self.enabled, bool):
+            return self.enabled
+        return _MODES.get(mode, mode) == self.enabled
+
+
+_MODES = {"dev": "development", "prod": "production"}
+
+# Pairs (low, high) that must not cross, checked after a section is read.
+_ORDER_CHECKS: Dict[type, List[Tuple[str, str]]] = {
+    WorkersSection: [("port_range_start", "port_range_end"),
+                     ("restart_backoff_min_ms", "restart_backoff_max_ms")],
+    PhpPoolConfig: [("min_workers", "max_workers"), ("start_workers", "max_workers")],
+    ScalingConfig: [("min_workers", "max_workers")],
+}
+
+# Keys of worker.yaml read outside the generic walk (aliases and seed-era names).
+_GO_LEGACY_KEYS = ("go_max_procs", "go_mem_limit")
+_WORKER_ALIAS_KEYS = ("go", "runtime", "logging") + _GO_LEGACY_KEYS
+
+
+# ---------------------------------------------------------------------------
+# The walker
+
+class _Context:
+    """Per-file state of one load: where we are, what we warned about."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.warnings: List[ConfigWarning] = []
+        self.positions: Dict[str, Position] = {}
+
+    def error(self, key: Optional[str], pos: Position, message: str) -> ConfigError:
+        return ConfigError(message, self.file, pos[0], pos[1], key)
+
+    def warn(self, key: str, pos: Position, message: str) -> None:
+        self.warnings.append(ConfigWarning(self.file, pos[0], pos[1], key, message))
+
+    def sorted_warnings(self) -> List[ConfigWarning]:
+        """In file order, whichever pass (aliases are read last) found them."""
+        return sorted(self.warnings, key=lambda w: (w.line or 0, w.column or 0))
+
+
+def _lc(node: Any, getter: str, index: Any, fallback: Position) -> Position:
+    """1-based (line, column) from ruamel's line/column info, if it has any."""
+    try:
+        line, col = getattr(node.lc, getter)(index)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return fallback
+    return line + 1, col + 1
+
+
+def _key_pos(node: Any, key: Any) -> Position:
+    return _lc(node, "key", key, (None, None))
+
+
+def _value_pos(node: Any, key: Any, fallback: Position = (None, None)) -> Position:
+    if node.get(key) is None:
+        # ruamel places a null value at the next token; the key is more useful.
+        return _lc(node, "key", key, fallback)
+    return _lc(node, "value", key, fallback)
+
+
+def _item_pos(node: Any, index: int, fallback: Position) -> Position:
+    return _lc(node, "item", index, fallback)
+
+
+def _fields(cls: type) -> Dict[str, Any]:
+    return {f.name: f for f in attrs.fields(cls) if "kind" in f.metadata}
+
+
+def _as_mapping(value: Any, ctx: _Context, key: str, pos: Position) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ctx.error(key, pos, f"expected a mapping, got {_describe(value)}")
+    return value
+
+
+def _suggest(cls: type, key: str, known: Iterable[str]) -> Optional[str]:
+    """A close spelling here, or the same key one section down (misplaced)."""
+    close = difflib.get_close_matches(key, list(known), 1)
+    if close:
+        return close[0]
+    for name, field in _fields(cls).items():
+        section = field.metadata["section"]
+        if section is not None and key in _fields(section):
+            return f"{name}.{key}"
+    return None
+
+
+def _walk(cls: type, node: dict, ctx: _Context, prefix: str,
+          ignore: Iterable[str] = (), only: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """Convert the keys of `node` that `cls` knows; warn about the others.
+
+    Returns only the keys present, so callers can merge aliases before building.
+    """
+    fields = _fields(cls)
+    ignore = tuple(ignore)
+    values: Dict[str, Any] = {}
+    for key, value in node.items():
+        if only is not None:
+            if key not in only:
+                continue
+        elif key in ignore:
+            continue
+        dotted = f"{prefix}{key}"
+        field = fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            message = f"unknown key {str(key)!r}"
+            hint = _suggest(cls, str(key), list(fields) + list(ignore))
+            if hint:
+                message += f"; did you mean {hint!r}?"
+            ctx.warn(dotted, _key_pos(node, key), message)
+            continue
+        pos = _value_pos(node, key, _key_pos(node, key))
+        ctx.positions[dotted] = pos
+        values[key] = field.metadata["kind"](value, ctx, dotted, pos)
+    return values
+
+
+def _check_order(cls: type, values: Dict[str, Any], ctx: _Context, prefix: str) -> None:
+    fields = _fields(cls)
+    for low, high in _ORDER_CHECKS.get(cls, ()):
+        lo = values.get(low, fields[low].default)
+        hi = values.get(high, fields[high].default)
+        if lo > hi:
+            blame = low if low in values else high
+            raise ctx.error(prefix + blame, ctx.positions.get(prefix + blame, (None, None)),
+                            f"{low} ({lo}) must not be greater than {high} ({hi})")
+
+
+def _build(cls: type, node: dict, ctx: _Context, prefix: str, **extra: Any) -> Any:
+    values = _walk(cls, node, ctx, prefix)
+    _check_order(cls, values, ctx, prefix)
+    return cls(**values, **extra)
+
+
+def _load(path: str) -> Tuple[_Context, dict]:
+    """Parse a YAML file into a (possibly empty) mapping, or raise ConfigError."""
+    ctx = _Context(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError("file not found", path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read: {e}", path)
+    yaml = YAML(typ="rt")
+    try:
+        data = yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        message = " ".join(p for p in (e.problem, e.context) if p) or "invalid YAML"
+        if mark is None:
+            raise ConfigError(message, path)
+        raise ConfigError(message, path, mark.line + 1, mark.column + 1)
+    except YAMLError as e:
+        raise ConfigError(f"invalid YAML: {e}", path)
+    if data is None:
+        return ctx, {}
+    if not isinstance(data, dict):
+        start = YAML(typ="rt").compose(text).start_mark
+        raise ConfigError(f"the top level must be a mapping, got {_describe(data)}",
+                          path, start.line + 1, start.column + 1)
+    return ctx, data
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+def load_server_config(path: str) -> Tuple[ServerConfig, List[ConfigWarning]]:
+    """Read etc/server.yaml; raises ConfigError, returns the unknown-key warnings."""
+    ctx, top = _load(path)
+    config = _build(ServerConfig, top, ctx, "", source=path, positions=ctx.positions)
+    return config, ctx.sorted_warnings()
+
+
+def load_worker_config(path: str) -> Tuple[WorkerConfig, List[ConfigWarning]]:
+    """Read a worker.yaml; `runtime:` and seed-era top-level go keys feed `go:`."""
+    ctx, top = _load(path)
+    values = _walk(WorkerConfig, top, ctx, "", ignore=_WORKER_ALIAS_KEYS)
+
+    go = _walk(GoConfig, top, ctx, "", only=_GO_LEGACY_KEYS)
+    for name in ("runtime", "go"):  # later wins: go: beats its alias
+        node = _as_mapping(top.get(name), ctx, name, _value_pos(top, name))
+        go.update(_walk(GoConfig, node, ctx, name + "."))
+    values["go"] = GoConfig(**go)
+
+    logging = _as_mapping(top.get("logging"), ctx, "logging", _value_pos(top, "logging"))
+    values.update(_walk(_LoggingConfig, logging, ctx, "logging."))
+
+    if values.get("type") == "command" and not values.get("command"):
+        raise ctx.error("type", ctx.positions["type"],
+                        "type command needs a non-empty 'command' list")
+    config = WorkerConfig(**values, source=path, positions=ctx.positions)
+    return config, ctx.sorted_warnings()
+
+
+def default_server_config() -> ServerConfig:
+    return ServerConfig()
+
+
+def default_worker_config() -> WorkerConfig:
+    return WorkerConfig()
+
+
+_SIZE_UNITS = {"": 1, "b": 1}
+for _i, _letter in enumerate("kmgt", start=1):
+    for _suffix in ("", "b", "i", "ib"):
+        _SIZE_UNITS[_letter + _suffix] = 1024 ** _i
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """"512MiB", "1G", "100M", "1024" -> bytes; "" -> 0.  Units are binary, like
+    php.ini, nginx and the JVM ("1G" is 1024**3)."""
+    if text is None or str(text).strip() == "":
+        return 0
+    match = _SIZE_RE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {text!r}; use a number with an optional unit "
+                         "such as 512MiB, 1G or 100M")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

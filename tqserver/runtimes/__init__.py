@@ -1,0 +1,75 @@
+"""How each kind of worker is built, started and told where to listen.
+
+A runtime only describes commands; running them belongs to build.py and process.py.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import attrs
+
+from ..discovery import WorkerSpec
+
+
+class ToolchainMissing(Exception):
+    """The worker's language toolchain is not installed; the message says what to install."""
+
+
+@attrs.frozen
+class BuildStep:
+    argv: List[str]
+    cwd: str
+    env: Dict[str, str] = attrs.field(factory=dict)
+
+
+class Runtime:
+    """Base: a worker type with no build step that runs ``command``."""
+
+    type = "command"
+
+    def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
+        """Commands that turn sources into something runnable (empty: nothing to build)."""
+        return []
+
+    def run_argv(self, spec: WorkerSpec, port: int) -> List[str]:
+        raise NotImplementedError
+
+    def env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
+        """Runtime-specific environment on top of the worker contract's."""
+        return {}
+
+    def build_inputs(self, spec: WorkerSpec) -> List[str]:
+        """Paths whose mtimes decide whether a rebuild is needed (prod reload)."""
+        return [os.path.join(spec.directory, "src")]
+
+    def artifact(self, spec: WorkerSpec) -> Optional[str]:
+        """The file a build produces (a deployed one is restarted without a build)."""
+        return None
+
+
+def find_tool(name: str, *fallbacks: str) -> Optional[str]:
+    """A toolchain binary on PATH, else at a well-known install location."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for path in fallbacks:
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def binary_name(spec: WorkerSpec) -> str:
+    """File name for a worker's build output: its last path segment."""
+    return spec.name.rsplit("/", 1)[-1] or "worker"
+
+
+def runtime_for(type_: str) -> Runtime:
+    from . import command, go, python
+    registry = {"go": go.GoRuntime(), "python": python.PythonRuntime(),
+                "command": command.CommandRuntime()}
+    try:
+        return registry[type_]
+    except KeyError:
+        raise ToolchainMissing(f"the {type_!r} runtime is not supported by this TQServer yet")

@@ -1,0 +1,454 @@
+"""WorkerPool: the instances of one worker, and every change to them (build, blue/green
+swap, drain, crash restart with backoff)."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from .build import BuildResult, run_build
+from .discovery import WorkerSpec
+from .logs import DatedLogFile, resolve_template
+from .ports import PortsExhausted
+from .process import Instance
+from .runtimes import Runtime, ToolchainMissing
+
+log = Logger()
+
+STABLE_RUN_SECONDS = 10.0    # a run this long resets the crash backoff
+CRASH_LOOP_WINDOW = 60.0     # this many crashes in this window is reported as a crash loop
+CRASH_LOOP_COUNT = 5
+READY_POLL_SECONDS = 0.025   # readiness probe cadence while an instance starts
+
+
+@attrs.define
+class PoolContext:
+    """What every pool shares; owned by the Supervisor."""
+    reactor: object
+    root: str
+    mode: str                                   # "dev" | "prod"
+    ports: object                               # PortPool
+    settings: Callable[[], object]              # -> current WorkersSection
+    probe: Callable[[Instance, str, float], defer.Deferred]   # -> bool
+    base_env: Dict[str, str] = attrs.field(factory=dict)
+    changed: Callable[["WorkerPool", str], None] = lambda pool, what: None
+    started: Callable[[Instance], None] = lambda inst: None
+    exited: Callable[[Instance], None] = lambda inst: None
+
+
+class WorkerPool(Service):
+    """One worker's instances. ``serving`` is the rotation the proxy picks from; it is only
+    ever replaced whole, after the new instances answered their first health probe."""
+
+    def __init__(self, spec: WorkerSpec, runtime: Runtime, ctx: PoolContext) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.ctx = ctx
+        self.name = spec.name
+        self.serving: Tuple[Instance, ...] = ()
+        self.instances: Set[Instance] = set()
+        self.last_build: Optional[BuildResult] = None
+        self.error: Optional[str] = None
+        self.build_error: Optional[str] = None     # compiler output while the build is broken
+        self.deploying = False
+        self.restarts: Dict[str, int] = {}
+        self.crash_times: List[float] = []
+        self._counter = 0
+        self._backoff = 0.0
+        self._restart_call = None
+        self._queue: Optional[Tuple[str, bool]] = None
+        self._queue_waiters: List[defer.Deferred] = []
+        self._serving_waiters: List[defer.Deferred] = []
+        self._rr = 0
+        self._log_file: Optional[DatedLogFile] = None
+        self._build_d: Optional[defer.Deferred] = None
+
+    # -- what the proxy uses ---------------------------------------------------------
+    def pick(self) -> Optional[Instance]:
+        """The serving instance with the fewest requests in flight (round-robin on ties)."""
+        serving = self.serving
+        if len(serving) == 1:
+            return serving[0]
+        if not serving:
+            return None
+        self._rr = (self._rr + 1) % len(serving)
+        ordered = serving[self._rr:] + serving[:self._rr]
+        return min(ordered, key=lambda inst: inst.inflight)
+
+    def wait_serving(self, timeout: float) -> defer.Deferred:
+        """Fires with an instance once one is serving, or with None after ``timeout``."""
+        inst = self.pick()
+        if inst is not None or not self.running or not self._may_serve_soon():
+            return defer.succeed(inst)
+        d: defer.Deferred = defer.Deferred()
+        self._serving_waiters.append(d)
+
+        def expire() -> None:
+            if d in self._serving_waiters:
+                self._serving_waiters.remove(d)
+                d.callback(None)
+        call = self.ctx.reactor.callLater(timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def _may_serve_soon(self) -> bool:
+        return self.deploying or self._restart_call is not None
+
+    @property
+    def public_dir(self) -> Optional[str]:
+        """The worker's public/ directory, when it has one (checked per request: dev mode
+        may create it at any time)."""
+        path = os.path.join(self.spec.directory, "public")
+        return path if os.path.isdir(path) else None
+
+    @property
+    def desired(self) -> int:
+        return max(1, self.spec.config.scaling.min_workers)
+
+    @property
+    def status(self) -> str:
+        if not self.running:
+            return "stopped"
+        if not self.serving:
+            if self.deploying or self._restart_call is not None and not self.crash_loop:
+                return "starting"
+            return "failed"
+        if (len(self.serving) < self.desired or self.build_error or self.crash_loop
+                or any(inst.health_failures for inst in self.serving)):
+            return "degraded"
+        return "healthy"
+
+    @property
+    def crash_loop(self) -> bool:
+        now = self.ctx.reactor.seconds()
+        return sum(1 for t in self.crash_times if now - t < CRASH_LOOP_WINDOW) >= CRASH_LOOP_COUNT
+
+    def describe(self) -> dict:
+        """The JSON-able state shown by /health and the status page."""
+        return {
+            "status": self.status,
+            "route": self.spec.route,
+            "type": self.spec.type,
+            "instances": len(self.serving),
+            "healthy_instances": sum(1 for i in self.serving if not i.health_failures),
+            "error": self.error,
+            "crash_loop": self.crash_loop,
+            "restarts": dict(self.restarts),
+            "last_build": None if self.last_build is None else {
+                "ok": self.last_build.ok, "duration_seconds": round(self.last_build.duration, 3)},
+            "ports": [i.port for i in self.serving],
+        }
+
+    # -- lifecycle -------------------------------------------------------------------
+    def startService(self) -> None:
+        Service.startService(self)
+        self.deploy("start")
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        if self._build_d is not None:
+            self._build_d.cancel()
+        self._set_serving(())
+        kill_timeout = self.settings.kill_timeout_ms / 1000.0
+        stops = [inst.stop(kill_timeout) for inst in list(self.instances)]
+        d = defer.gatherResults(stops, consumeErrors=True)
+        d.addBoth(self._close_log)
+        return d
+
+    def _close_log(self, result):
+        if self._log_file is not None:
+            self._log_file.close()
+        return None
+
+    @property
+    def settings(self):
+        return self.ctx.settings()
+
+    # -- deploys ---------------------------------------------------------------------
+    def deploy(self, reason: str, build: bool = True) -> defer.Deferred:
+        """Build (when ``build``) and swap in fresh instances. One deploy runs at a time; later
+        requests coalesce into one queued deploy, so a burst of changes costs one more swap.
+        Fires with True when new instances took over."""
+        if self.deploying:
+            if self._queue is None:
+                self._queue = (reason, build)
+            else:
+                self._queue = (self._queue[0], self._queue[1] or build)
+            if build and self._build_d is not None:
+                self._build_d.cancel()   # the queued build supersedes the one in flight
+            waiter: defer.Deferred = defer.Deferred()
+            self._queue_waiters.append(waiter)
+            return waiter
+        self.deploying = True
+        d = defer.ensureDeferred(self._deploy(reason, build))
+        d.addErrback(self._deploy_crashed)
+        d.addBoth(self._deploy_done)
+        return d
+
+    def _deploy_crashed(self, failure) -> bool:
+        log.failure("deploy of {worker} failed", failure, worker=self.name)
+        return False
+
+    def _deploy_done(self, result):
+        self.deploying = False
+        if self._queue is not None and self.running:
+            (reason, build), self._queue = self._queue, None
+            waiters, self._queue_waiters = self._queue_waiters, []
+            d = self.deploy(reason, build)
+            for waiter in waiters:
+                d.addBoth(lambda r, w=waiter: (w.callback(r), r)[1])
+        elif not self.serving:
+            self._wake_waiters()
+        return result
+
+    async def _deploy(self, reason: str, build: bool) -> bool:
+        if build:
+            if not await self._build(reason):
+                return False
+        old = list(self.serving)
+        return await self._rollout(self.desired, old, reason)
+
+    async def _build(self, reason: str) -> bool:
+        try:
+            steps = self.runtime.build_steps(self.spec)
+        except ToolchainMissing as e:
+            self._fail(str(e), build_output=str(e))
+            return False
+        if not steps:
+            return True
+        log.info("building {worker} ({reason})", worker=self.name, reason=reason)
+        self._build_d = run_build(self.ctx.reactor, steps)
+        try:
+            result: BuildResult = await self._build_d
+        except defer.CancelledError:
+            log.info("build of {worker} cancelled ({why})", worker=self.name,
+                     why="superseded by a newer change" if self.running else "stopping")
+            return False
+        finally:
+            self._build_d = None
+        self.last_build = result
+        self.ctx.changed(self, "build")
+        if not result.ok:
+            keep = " (the previous version keeps serving)" if self.serving else ""
+            log.error("build of {worker} failed{keep}:\n{output}", worker=self.name, keep=keep,
+                      output=result.output.rstrip())
+            self._fail(f"build failed: {result.command}", build_output=result.output)
+            return False
+        self.build_error = None
+        log.info("built {worker} in {seconds:.2f}s", worker=self.name, seconds=result.duration)
+        return True
+
+    def _fail(self, message: str, build_output: Optional[str] = None) -> None:
+        self.error = message
+        if build_output is not None:
+            self.build_error = build_output
+        self.ctx.changed(self, "error")
+
+    async def _rollout(self, count: int, replacing: List[Instance], reason: str) -> bool:
+        """Start ``count`` new instances, and once all answer their first health probe put
+        them in rotation in place of ``replacing``, which are then drained and stopped."""
+        new: List[Instance] = []
+        try:
+            for _ in range(count):
+                new.append(self._spawn())
+        except (PortsExhausted, ToolchainMissing, OSError) as e:
+            self._fail(f"cannot start an instance: {e}")
+            await self._stop_all(new)
+            self._schedule_retry()
+            return False
+        results = await defer.gatherResults([defer.ensureDeferred(self._wait_ready(i))
+                                             for i in new])
+        problems = [problem for problem in results if problem]
+        if problems or not self.running:
+            if problems:
+                self._fail(problems[0])
+                log.error("{worker}: new instance not started ({problem}); {keep}",
+                          worker=self.name, problem=problems[0],
+                          keep="the old one keeps serving" if self.serving else "nothing serves it")
+            await self._stop_all(new)
+            self._schedule_retry()
+            return False
+        for inst in new:
+            inst.state = "ready"
+            inst.ready_at = self.ctx.reactor.seconds()
+        kept = [inst for inst in self.serving if inst not in replacing]
+        self._set_serving(tuple(kept + new))
+        self.error = None
+        self.ctx.changed(self, "swap")
+        log.info("{worker} now served by {ids} on port {ports} ({reason})", worker=self.name,
+                 ids=", ".join(i.id for i in new), ports=", ".join(str(i.port) for i in new),
+                 reason=reason)
+        for inst in replacing:
+            self._retire(inst)
+        return True
+
+    def _schedule_retry(self) -> None:
+        """Nothing serving and the start failed: try again later (not spinning)."""
+        if self.serving or not self.running or self.build_error is not None:
+            return
+        self._restart_later("start-failed")
+
+    def _spawn(self) -> Instance:
+        self._counter += 1
+        port = self.ctx.ports.acquire()
+        try:
+            argv = self.runtime.run_argv(self.spec, port)
+            inst = Instance(self.ctx.reactor, self.name, f"{self.name}#{self._counter}", port,
+                            argv, self._env(port, self._counter), self._cwd(),
+                            self._write_output, on_exit=self._exited)
+            inst.start()
+        except BaseException:
+            self.ctx.ports.release(port)
+            raise
+        self.instances.add(inst)
+        self.ctx.started(inst)
+        return inst
+
+    async def _wait_ready(self, inst: Instance) -> Optional[str]:
+        """None once ``inst`` answers a health probe; else why it never did."""
+        s = self.settings
+        reactor = self.ctx.reactor
+        deadline = reactor.seconds() + s.startup_timeout_ms / 1000.0
+        await task.deferLater(reactor, s.startup_delay_ms / 1000.0, lambda: None)
+        timeout = s.health_check_timeout_ms / 1000.0
+        while True:
+            if inst.state == "exited":
+                return f"instance {inst.id} {inst.describe_exit()} before becoming healthy"
+            if not self.running:
+                return "stopping"
+            if await self.ctx.probe(inst, self.spec.config.health_path, timeout):
+                return None
+            if reactor.seconds() >= deadline:
+                return (f"instance {inst.id} not healthy within "
+                        f"{s.startup_timeout_ms} ms (GET {self.spec.config.health_path} "
+                        f"on port {inst.port})")
+            await task.deferLater(reactor, READY_POLL_SECONDS, lambda: None)
+
+    def _retire(self, inst: Instance) -> defer.Deferred:
+        """Out of rotation already: let in-flight requests finish, then stop it."""
+        s = self.settings
+        reactor = self.ctx.reactor
+        inst.state = "draining"
+
+        async def drain() -> None:
+            await task.deferLater(reactor, s.restart_delay_ms / 1000.0, lambda: None)
+            if inst.inflight:
+                grace = task.deferLater(reactor, s.shutdown_grace_period_ms / 1000.0, lambda: None)
+                idle = inst.idle()
+                await defer.DeferredList([grace, idle], fireOnOneCallback=True)
+                grace.cancel()
+            await inst.stop(s.kill_timeout_ms / 1000.0)
+        d = defer.ensureDeferred(drain())
+        d.addErrback(lambda f: None if f.check(defer.CancelledError) else log.failure(
+            "draining {id} failed", f, id=inst.id))
+        return d
+
+    async def _stop_all(self, instances: List[Instance]) -> None:
+        kill_timeout = self.settings.kill_timeout_ms / 1000.0
+        await defer.gatherResults([inst.stop(kill_timeout) for inst in instances])
+
+    def replace(self, inst: Instance, reason: str) -> None:
+        """Swap out one serving instance (failed health checks, recycling)."""
+        if inst not in self.serving or self.deploying:
+            return
+        self.restarts[reason] = self.restarts.get(reason, 0) + 1
+        self.ctx.changed(self, "restart")
+        self.deploying = True
+        d = defer.ensureDeferred(self._rollout(1, [inst], reason))
+        d.addErrback(self._deploy_crashed)
+        d.addBoth(self._deploy_done)
+
+    # -- exits and crashes -----------------------------------------------------------
+    def _exited(self, inst: Instance, reason) -> None:
+        self.ctx.ports.release(inst.port)
+        self.ctx.exited(inst)
+        self.instances.discard(inst)
+        if inst.stopping or inst not in self.serving:
+            return
+        # It left the rotation without being asked: a crash.
+        self._set_serving(tuple(i for i in self.serving if i is not inst))
+        now = self.ctx.reactor.seconds()
+        self.crash_times = [t for t in self.crash_times if now - t < CRASH_LOOP_WINDOW] + [now]
+        self.restarts["crash"] = self.restarts.get("crash", 0) + 1
+        self.error = f"instance {inst.id} {inst.describe_exit()}"
+        log.warn("{worker}: {error}", worker=self.name, error=self.error)
+        if inst.ready_at is not None and now - inst.ready_at >= STABLE_RUN_SECONDS:
+            self._backoff = 0.0
+        self.ctx.changed(self, "crash")
+        self._restart_later("crash")
+
+    def _restart_later(self, why: str) -> None:
+        if self._restart_call is not None or not self.running:
+            return
+        s = self.settings
+        low, high = s.restart_backoff_min_ms / 1000.0, s.restart_backoff_max_ms / 1000.0
+        self._backoff = min(high, max(low, self._backoff * 2))
+        delay = self._backoff
+        if self.crash_loop:
+            log.error("{worker} is crash-looping; next restart in {delay:.1f}s",
+                      worker=self.name, delay=delay)
+
+        def restart() -> None:
+            self._restart_call = None
+            missing = self.desired - len(self.serving)
+            if missing <= 0 or not self.running:
+                return
+            if self.deploying:
+                self.deploy(why, build=False)
+                return
+            self.deploying = True
+            d = defer.ensureDeferred(self._rollout(missing, [], why))
+            d.addErrback(self._deploy_crashed)
+            d.addBoth(self._deploy_done)
+        self._restart_call = self.ctx.reactor.callLater(delay, restart)
+
+    # -- plumbing --------------------------------------------------------------------
+    def _set_serving(self, serving: Tuple[Instance, ...]) -> None:
+        self.serving = serving
+        if serving:
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        waiters, self._serving_waiters = self._serving_waiters, []
+        for d in waiters:
+            d.callback(self.pick())
+
+    def _cwd(self) -> str:
+        if self.spec.config.working_directory == "project":
+            return self.ctx.root
+        return self.spec.directory
+
+    def _env(self, port: int, number: int) -> Dict[str, str]:
+        spec = self.spec
+        env = dict(self.ctx.base_env)
+        env.update({
+            "WORKER_PORT": str(port), "PORT": str(port), "WORKER_HOST": "127.0.0.1",
+            "WORKER_NAME": spec.name, "WORKER_ROUTE": spec.route, "WORKER_PATH": spec.route,
+            "WORKER_TYPE": spec.type,
+            "WORKER_MODE": "production" if self.ctx.mode == "prod" else "development",
+            "WORKER_DIR": spec.directory, "TQSERVER_ROOT": self.ctx.root,
+            "WORKER_INSTANCE": f"{spec.name}#{number}",
+            "WORKER_HEALTH_PATH": spec.config.health_path,
+        })
+        env.update(self.runtime.env(spec, port))
+        env.update(spec.config.env)
+        return env
+
+    def _write_output(self, data: bytes) -> None:
+        if self._log_file is None:
+            path = resolve_template(self.spec.config.log_file, self.ctx.root, self.name)
+            if path is not None:
+                self._log_file = DatedLogFile(path)
+        if self._log_file is not None:
+            self._log_file.write(data)
+        if self._log_file is None or self.ctx.mode == "dev":
+            for line in data.decode("utf-8", "replace").splitlines():
+                log.info("{worker}: {line}", worker=self.name, line=line.split(" ", 1)[-1])
+

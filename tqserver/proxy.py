@@ -1,0 +1,630 @@
+"""The public HTTP side: a twisted.web Site whose requests are routed as soon as their head
+has arrived, so bodies stream to and from worker instances with backpressure.
+
+Where a request goes: ``ProxyRequest.head_received`` asks the ``Front`` for a plan — a
+reserved endpoint, a static file from public/, an error page, or a ``Forward`` to an
+instance of the worker that owns the longest matching route.
+"""
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+
+from . import pages, static
+from .router import strip_prefix
+from .upstream import UpstreamConnection, UpstreamPool, UpstreamSink
+
+log = Logger()
+
+# Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus httpoxy's `Proxy`.
+HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
+                        b"upgrade", b"proxy-connection", b"proxy"])
+_FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                        b"x-forwarded-prefix", b"x-request-id"])
+_SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+MAX_ATTEMPTS = 3
+
+
+def remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 5.2.4, so '/hello/../index' is routed (and forwarded) as '/index'."""
+    out = []
+    for segment in path.split(b"/")[1:]:
+        if segment in (b".", b"%2e", b"%2E"):
+            continue
+        if segment.lower() in (b"..", b"%2e%2e", b".%2e", b"%2e."):
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    trailing = path.endswith((b"/.", b"/..")) and out
+    return b"/" + b"/".join(out) + (b"/" if trailing else b"")
+
+
+class Front:
+    """Decides what each request is (the proxy's routing brain); it only reads the
+    supervisor's current snapshot, never waits on it."""
+
+    def __init__(self, supervisor, reactor) -> None:
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self.upstreams = UpstreamPool(reactor)
+        self.reserved = None     # set by the supervisor: reserved.Reserved
+
+    @property
+    def dev(self) -> bool:
+        return self.supervisor.mode == "dev"
+
+    def plan(self, request: "ProxyRequest") -> Optional["Forward"]:
+        """Either start forwarding now (returns the Forward) or leave a renderer on the
+        request for when its body is complete (returns None)."""
+        cfg = self.supervisor.config
+        path = request.path
+        if self.reserved is not None:
+            handler = self.reserved.match(path)
+            if handler is not None:
+                request.renderer = handler
+                return None
+        hit = self.supervisor.routes.match(path)
+        if hit is None:
+            request.renderer = error_renderer(404, "No worker serves this path.")
+            return None
+        route, pool = hit
+        request.worker_pool = pool
+        rest = strip_prefix(route, path)
+        if request.method in (b"GET", b"HEAD") and pool.public_dir is not None:
+            found = static.resolve_public_file(pool.public_dir, rest)
+            if found is not None:
+                request.renderer = lambda req: static.serve_file(req, found)
+                return None
+        if self.dev and pool.build_error:
+            request.renderer = error_renderer(
+                500, f"The last build of worker '{pool.name}' failed; the page reloads after "
+                     "the next good build.", output=pool.build_error, title="Build failed")
+            return None
+        target = (rest if pool.spec.config.strip_prefix else path)
+        query = request.uri.partition(b"?")
+        if query[1]:
+            target += b"?" + query[2]
+        fwd = Forward(self, request, pool, route, target, cfg)
+        return fwd
+
+
+def error_renderer(status: int, detail: str = "", output: Optional[str] = None,
+                   title: Optional[str] = None, retry_after: Optional[int] = None) -> Callable:
+    def render(request: "ProxyRequest") -> None:
+        send_error(request, status, detail, output=output, title=title, retry_after=retry_after)
+    return render
+
+
+def send_error(request: "ProxyRequest", status: int, detail: str = "",
+               output: Optional[str] = None, title: Optional[str] = None,
+               retry_after: Optional[int] = None) -> None:
+    if request.finished or request._disconnected:
+        return
+    if request.startedWriting:
+        # Too late for a status: cut the response so the client sees it is incomplete.
+        request.channel.transport.abortConnection()
+        return
+    body = pages.error_page(status, detail, dev=request.front.dev, output=output, title=title)
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
+    request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+    request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+    if retry_after is not None:
+        request.responseHeaders.setRawHeaders(b"retry-after", [str(retry_after).encode()])
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish_when_read()
+
+
+class Forward(UpstreamSink):
+    """One request on its way to an instance and its response on the way back."""
+
+    def __init__(self, front: Front, request: "ProxyRequest", pool, route: str,
+                 target: bytes, cfg) -> None:
+        self.front = front
+        self.request = request
+        self.pool = pool
+        self.route = route
+        self.target = target
+        self.cfg = cfg
+        self.instance = None
+        self.instance_id: Optional[str] = None
+        self.conn: Optional[UpstreamConnection] = None
+        self.attempts = 0
+        self.tried = set()
+        self.pending_body: list = []
+        self.body_complete = False
+        self.response_started = False
+        self.done = False
+        self.timeout_call = None
+        self.head: Optional[bytes] = None
+        self.upgrade_head = None
+        self.has_body = False
+        self.chunked = False
+
+    # -- request side ----------------------------------------------------------------
+    def start(self) -> None:
+        self.head, self.has_body, self.chunked = self._build_head()
+        self._connect()
+
+    def _connect(self) -> None:
+        inst = self.pool.pick()
+        if inst is not None and inst in self.tried:
+            others = [i for i in self.pool.serving if i not in self.tried]
+            inst = others[0] if others else None
+        if inst is None:
+            if not self.pool.serving and self.attempts < MAX_ATTEMPTS:
+                # Nothing serving yet (starting, or restarting): hold the request.
+                self.request.pause_reading()
+                timeout = self.cfg.workers.startup_timeout_ms / 1000.0
+                self.pool.wait_serving(timeout).addCallback(self._got_instance)
+                return
+            self._unavailable()
+            return
+        self._got_instance(inst)
+
+    def _got_instance(self, inst) -> None:
+        if self.done:
+            return
+        if inst is None:
+            self._unavailable()
+            return
+        self.instance = inst
+        self.instance_id = inst.id
+        self.attempts += 1
+        inst.request_started()
+        self.request.pause_reading()
+        d = self.front.upstreams.acquire(inst.port)
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        inst, self.instance = self.instance, None
+        inst.request_finished()
+        self.tried.add(inst)
+        if self.done:
+            return
+        log.warn("{worker}: cannot connect to {id} on port {port}: {why}",
+                 worker=self.pool.name, id=inst.id, port=inst.port,
+                 why=failure.getErrorMessage())
+        if self.attempts < MAX_ATTEMPTS:
+            self._connect()
+        else:
+            self._bad_gateway("could not connect to any instance")
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        if self.done:
+            self.front.upstreams.release(conn) if not conn.closed else None
+            return
+        self.conn = conn
+        conn.send(self.head, self, self.request.method == b"HEAD", self.has_body, self.chunked)
+        if self.has_body:
+            for chunk in self.pending_body:
+                conn.write_body(chunk)
+            self.pending_body = None
+            if self.body_complete:
+                conn.finish_body()
+                self._arm_timeout()
+            else:
+                conn.transport.registerProducer(self.request.body_producer, True)
+        else:
+            self._arm_timeout()
+        self.request.resume_reading()
+
+    def body_chunk(self, data: bytes) -> None:
+        if self.done:
+            return   # answered already (503, 502...): the rest of the body is discarded
+        if self.conn is not None and self.pending_body is None:
+            self.conn.write_body(data)
+        elif self.pending_body is not None:
+            self.pending_body.append(data)
+            if self.conn is None and self.has_body:
+                self.request.pause_reading()
+
+    def body_finished(self) -> None:
+        self.body_complete = True
+        if self.conn is not None and not self.done:
+            try:
+                self.conn.transport.unregisterProducer()
+            except Exception:
+                pass
+            self.conn.finish_body()
+            self._arm_timeout()
+        if self.done:
+            self.request.finish_when_read()
+
+    def _arm_timeout(self) -> None:
+        if self.timeout_call is None and not self.response_started:
+            self.timeout_call = self.front.reactor.callLater(self._write_timeout(), self._timed_out)
+
+    def _write_timeout(self) -> float:
+        worker = self.pool.spec.config.timeouts.write_timeout_seconds
+        return worker if worker != 30 else self.cfg.server.write_timeout_seconds
+
+    def _timed_out(self) -> None:
+        self.timeout_call = None
+        if self.response_started or self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self._finish_instance()
+        self._end()
+        send_error(self.request, 504, f"Worker '{self.pool.name}' did not answer in time.")
+
+    # -- response side (UpstreamSink) ------------------------------------------------
+    def upstream_response(self, code: int, reason: bytes, headers) -> None:
+        if self.timeout_call is not None:
+            self.timeout_call.cancel()
+            self.timeout_call = None
+        request = self.request
+        if request._disconnected:
+            return
+        self.response_started = True
+        request.setResponseCode(code, reason or None)
+        out = request.responseHeaders
+        connection_tokens = [v.strip().lower() for n, vs in headers if n.lower() == b"connection"
+                             for v in vs.split(b",")] if code != 101 else []
+        for name, value in headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname in connection_tokens:
+                if not (code == 101 and lname in (b"upgrade", b"connection")):
+                    continue
+            out.addRawHeader(name, value)
+        if self.front.dev:
+            inst = self.instance
+            spec = self.pool.spec
+            out.setRawHeaders(b"x-tqserver-worker-name", [spec.name.encode()])
+            out.setRawHeaders(b"x-tqserver-worker-type", [spec.type.encode()])
+            out.setRawHeaders(b"x-tqserver-worker-route", [spec.route.encode()])
+            out.setRawHeaders(b"x-tqserver-worker-port", [str(inst.port).encode()])
+            out.setRawHeaders(b"x-tqserver-worker-instance", [inst.id.encode()])
+        request.setHeader(b"x-request-id", request.request_id)
+        if code == 101:
+            self.upgrade_head = (code, reason, headers)
+        else:
+            request.registerProducer(self.conn, True)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def upstream_done(self) -> None:
+        self._finish_instance()
+        self._end()
+        request = self.request
+        if request._disconnected:
+            return
+        if request.producer is not None:
+            request.unregisterProducer()
+        request.finish_when_read()
+
+    def upstream_failed(self, reason: Failure, retryable: bool) -> None:
+        conn, self.conn = self.conn, None
+        if self.done:
+            return
+        inst = self.instance
+        self._finish_instance()
+        if (retryable and self.attempts < MAX_ATTEMPTS and not self.response_started
+                and not self.has_body):
+            # A pooled connection the instance had already closed: try a fresh one.
+            self._connect()
+            return
+        self._end()
+        if self.request.producer is not None:
+            self.request.unregisterProducer()
+        why = reason.getErrorMessage()
+        log.warn("{worker}: request to {id} failed: {why}", worker=self.pool.name,
+                 id=inst.id if inst else "?", why=why)
+        self._bad_gateway(f"the worker closed the connection ({why})")
+
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        from .splice import splice_upgrade
+        code, reason, headers = self.upgrade_head
+        splice_upgrade(self.request, conn, rest, code, reason, headers)
+
+    # -- endings ---------------------------------------------------------------------
+    def _unavailable(self) -> None:
+        self._end()
+        detail = f"Worker '{self.pool.name}' has no healthy instance"
+        if self.pool.error:
+            detail += f": {self.pool.error}"
+        send_error(self.request, 503, detail + ".", retry_after=5)
+
+    def _bad_gateway(self, why: str) -> None:
+        self._end()
+        send_error(self.request, 502, f"Worker '{self.pool.name}': {why}.")
+
+    def _finish_instance(self) -> None:
+        inst, self.instance = self.instance, None
+        if inst is not None:
+            inst.request_finished()
+
+    def _end(self) -> None:
+        self.done = True
+        if self.timeout_call is not None:
+            self.timeout_call.cancel()
+            self.timeout_call = None
+
+    def client_gone(self) -> None:
+        """The client disconnected: cancel the upstream request."""
+        if self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self._finish_instance()
+        self._end()
+
+    # -- the upstream request head ---------------------------------------------------
+    def _build_head(self):
+        request = self.request
+        cfg = self.cfg
+        client = request.client_ip
+        trusted = client in cfg.server.trusted_proxies
+        lines = [request.method + b" " + self.target + b" HTTP/1.1"]
+        connection_tokens = set()
+        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
+            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        has_body = False
+        chunked = False
+        upgrade = b"upgrade" in connection_tokens and request.requestHeaders.hasHeader(b"upgrade")
+        incoming = {}
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lname = name.lower()
+            if lname in _FORWARDED:
+                incoming[lname] = values
+                continue
+            if lname == b"transfer-encoding":
+                chunked = any(b"chunked" in v.lower() for v in values)
+                continue
+            if lname in HOP_BY_HOP or lname in connection_tokens:
+                continue
+            if lname == b"content-length":
+                has_body = values[0].strip() not in (b"0", b"")
+            for value in values:
+                lines.append(name + b": " + value)
+        if chunked:
+            has_body = True
+            lines.append(b"Transfer-Encoding: chunked")
+        if upgrade:
+            lines.append(b"Connection: upgrade")
+            for value in request.requestHeaders.getRawHeaders(b"upgrade"):
+                lines.append(b"Upgrade: " + value)
+        client_b = client.encode()
+        xff = incoming.get(b"x-forwarded-for") if trusted else None
+        lines.append(b"X-Forwarded-For: " + (b", ".join(xff) + b", " + client_b if xff else client_b))
+        proto = incoming.get(b"x-forwarded-proto") if trusted else None
+        lines.append(b"X-Forwarded-Proto: " + (proto[0] if proto else
+                                                (b"https" if request.isSecure() else b"http")))
+        fhost = incoming.get(b"x-forwarded-host") if trusted else None
+        host = request.requestHeaders.getRawHeaders(b"host", [b""])[0]
+        if fhost or host:
+            lines.append(b"X-Forwarded-Host: " + (fhost[0] if fhost else host))
+        if self.pool.spec.config.strip_prefix and self.route != "/":
+            lines.append(b"X-Forwarded-Prefix: " + self.route.encode())
+        lines.append(b"X-Request-ID: " + request.request_id)
+        return b"\r\n".join(lines) + b"\r\n\r\n", has_body, chunked
+
+
+class _BodyProducer:
+    """Registered on the upstream transport while a request body streams to it: a full
+    upstream send buffer pauses reading from the client."""
+
+    def __init__(self, request: "ProxyRequest") -> None:
+        self.request = request
+
+    def pauseProducing(self) -> None:
+        self.request.pause_reading()
+
+    def resumeProducing(self) -> None:
+        self.request.resume_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ProxyRequest(server.Request):
+    """A twisted.web Request that is routed when its head arrives (see ProxyChannel)."""
+
+    renderer: Optional[Callable] = None
+    worker_pool = None
+    forward: Optional[Forward] = None
+    _body_read = False
+    _finish_pending = False
+    _reading_paused = False
+    _request_id: Optional[bytes] = None
+
+    @property
+    def front(self) -> Front:
+        return self.channel.site.front if self.channel else self._front
+
+    @property
+    def client_ip(self) -> str:
+        addr = self.getClientAddress()
+        return getattr(addr, "host", "") or ""
+
+    @property
+    def request_id(self) -> bytes:
+        if self._request_id is None:
+            given = self.requestHeaders.getRawHeaders(b"x-request-id")
+            if given and _SANE_REQUEST_ID.match(given[0]):
+                self._request_id = given[0]
+            else:
+                self._request_id = uuid.uuid4().hex.encode()
+        return self._request_id
+
+    # -- called by ProxyChannel at the end of the head --------------------------------
+    def head_received(self, command: bytes, uri: bytes, version: bytes) -> None:
+        self.started_at = self.channel.site.front.reactor.seconds()
+        self.site = self.channel.site
+        self._front = self.site.front
+        self.method, self.uri, self.clientproto = command, uri, version
+        raw_path = uri.partition(b"?")[0]
+        if raw_path[:1] != b"/":
+            if raw_path.startswith((b"http://", b"https://")):   # absolute-form
+                raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
+            else:
+                self.renderer = error_renderer(400, "The request target must be a path.")
+                return
+        if b"/." in raw_path or b"%2" in raw_path:
+            raw_path = remove_dot_segments(raw_path)
+        self.path = raw_path
+        length = self.requestHeaders.getRawHeaders(b"content-length")
+        max_body = self._front.supervisor.config.server.max_body_bytes
+        if length and length[0].isdigit() and int(length[0]) > max_body:
+            self.channel.reject(413)
+            return
+        try:
+            self.forward = self._front.plan(self)
+        except Exception:
+            log.failure("routing {uri} failed", uri=uri)
+            self.renderer = error_renderer(500)
+            return
+        if self.forward is not None:
+            self.forward.start()
+
+    def gotLength(self, length) -> None:
+        if self.forward is not None:
+            self.content = io.BytesIO()   # the body streams to the worker, never kept here
+            self._body_seen = 0
+            return
+        server.Request.gotLength(self, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.forward is None:
+            server.Request.handleContentChunk(self, data)
+            return
+        self._body_seen += len(data)
+        if self._body_seen > self._front.supervisor.config.server.max_body_bytes:
+            self.forward.client_gone()
+            self.channel.reject(413)
+            return
+        self.forward.body_chunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._body_read = True
+        if self.forward is None:
+            server.Request.requestReceived(self, command, path, version)
+            return
+        self.args = {}
+        self.forward.body_finished()
+        if self._finish_pending:
+            self.finish_when_read()
+
+    def process(self) -> None:
+        """Non-forwarded requests: reserved endpoints, static files and error pages."""
+        self.site = self.channel.site
+        renderer = self.renderer or error_renderer(404)
+        try:
+            renderer(self)
+        except Exception:
+            log.failure("rendering {path} failed", path=self.path)
+            send_error(self, 500)
+
+    # -- helpers for Forward ---------------------------------------------------------
+    @property
+    def body_producer(self) -> _BodyProducer:
+        return _BodyProducer(self)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and not self._body_read and self.channel is not None:
+            self._reading_paused = True
+            self.channel.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.channel is not None:
+            self._reading_paused = False
+            self.channel.transport.resumeProducing()
+
+    def finish_when_read(self) -> None:
+        """finish(), but only once the whole request body has been read: the channel cannot
+        start the next request while this one's body is still arriving."""
+        if self.finished or self._disconnected:
+            return
+        if not self._body_read:
+            self._finish_pending = True
+            self.resume_reading()
+            return
+        self.finish()
+
+    def connectionLost(self, reason) -> None:
+        if self.forward is not None:
+            self.forward.client_gone()
+        server.Request.connectionLost(self, reason)
+
+
+class ProxyChannel(http.HTTPChannel):
+    """HTTPChannel that hands the request its method and target when the head is complete,
+    enforces the whole-request read timeout, and answers 431 for oversized heads."""
+
+    _read_timer = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._read_timer is None and line:
+            timeout = self.site.front.supervisor.config.server.read_timeout_seconds
+            self._read_timer = self.callLater(timeout, self._read_timed_out)
+        return http.HTTPChannel.lineReceived(self, line)
+
+    def allHeadersReceived(self) -> None:
+        req = self.requests[-1]
+        req.head_received(self._command, self._path, self._version)
+        http.HTTPChannel.allHeadersReceived(self)
+
+    def allContentReceived(self) -> None:
+        if self._read_timer is not None:
+            if self._read_timer.active():
+                self._read_timer.cancel()
+            self._read_timer = None
+        http.HTTPChannel.allContentReceived(self)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        self.reject(408)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        too_big = getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize or \
+            getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
+        self.reject(431 if too_big else 400)
+
+    def reject(self, status: int) -> None:
+        """A minimal response for a request we will not read further; closes the connection."""
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return
+        reason = pages.REASONS.get(status, "Error").encode()
+        body = b"%d %s\n" % (status, reason)
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d"
+                             b"\r\nConnection: close\r\n\r\n%s" % (status, reason, len(body), body))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        if self._read_timer is not None and self._read_timer.active():
+            self._read_timer.cancel()
+        self._read_timer = None
+        http.HTTPChannel.connectionLost(self, reason)
+
+
+class ProxySite(server.Site):
+    """The Site for the public port; ``front`` does the routing."""
+
+    protocol = ProxyChannel
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+
+    def __init__(self, front: Front, timeout: float, log_access: Callable) -> None:
+        server.Site.__init__(self, resource.Resource(), timeout=timeout)
+        self.front = front
+        self._log_access = log_access
+
+    def log(self, request) -> None:
+        self._log_access(request)
+
+    def logPrefix(self) -> str:
+        return "tqserver.proxy"

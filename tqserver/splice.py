@@ -1,0 +1,57 @@
+"""After a worker answers 101 Switching Protocols (WebSocket and other Upgrades), the client
+connection and the upstream connection become one byte pipe, with backpressure both ways."""
+from __future__ import annotations
+
+from twisted.internet import protocol
+
+
+class _Pipe:
+    """Upstream side of a spliced connection (it replaces the Forward as the sink)."""
+
+    def __init__(self, client_transport, done) -> None:
+        self.client = client_transport
+        self.done = done
+
+    def upstream_data(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def upstream_done(self) -> None:
+        self.client.loseConnection()
+        self.done()
+
+    def upstream_failed(self, reason, retryable: bool) -> None:
+        self.client.loseConnection()
+        self.done()
+
+
+def splice_upgrade(request, conn, rest: bytes, code: int, reason: bytes, headers) -> None:
+    channel = request.channel
+    client = channel.transport
+    head = [b"HTTP/1.1 %d %s" % (code, reason or b"Switching Protocols")]
+    head += [name + b": " + value for name, value in headers]
+    client.write(b"\r\n".join(head) + b"\r\n\r\n")
+    if rest:
+        client.write(rest)
+    channel.setTimeout(None)
+    finished = []
+
+    def done() -> None:
+        if not finished:
+            finished.append(True)
+            request.forward.client_gone()
+
+    conn.sink = _Pipe(client, done)
+    # The channel no longer parses HTTP: client bytes go straight upstream.
+    channel.dataReceived = conn.transport.write
+
+    def client_lost(reason=protocol.connectionDone) -> None:
+        conn.transport.loseConnection()
+        done()
+    channel.connectionLost = client_lost
+    client.unregisterProducer()
+    client.registerProducer(conn.transport, True)
+    conn.transport.registerProducer(client, True)
+    buffered = getattr(channel, "_dataBuffer", None)
+    if buffered:
+        conn.transport.write(b"".join(buffered))
+        del buffered[:]

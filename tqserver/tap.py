@@ -1,0 +1,200 @@
+"""``twistd tqserver``: command-line options and the service tree.
+
+    TQServer (MultiService)
+    ├── Supervisor            pools of worker instances + HealthChecker
+    └── proxy endpoint(s)     twisted.web ProxySite on the public port(s)
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import List, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+
+from .config import ConfigError, ServerConfig, default_server_config, load_server_config
+from .logs import ServerLogObserver, resolve_template
+from .proxy import Front, ProxySite
+from .reserved import Reserved
+from .supervisor import Supervisor
+
+log = Logger()
+access_log = Logger(namespace="tqserver.access")
+
+MODES = {"dev": "dev", "development": "dev", "prod": "prod", "production": "prod"}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run the workers found under workers/ behind one reverse proxy, with health "
+                "checks and zero-downtime reloads (dev: on file save; prod: on SIGHUP).")
+    optParameters = [
+        ["config", "c", "etc/server.yaml",
+         "Server configuration file, relative to --root or absolute."],
+        ["root", "r", ".", "Project root: holds etc/, workers/, logs/ and run/."],
+        ["mode", "m", None,
+         "dev or prod (also development/production). Default: $TQSERVER_MODE, else dev."],
+    ]
+    optFlags = [
+        ["quiet", "q", "No console log; log to the configured files only."],
+        ["reload", None, "Dev only: restart the supervisor when TQServer's own Python "
+                         "source changes (uses hupper)."],
+    ]
+
+    def __init__(self) -> None:
+        usage.Options.__init__(self)
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted endpoint (e.g. tcp:8080:interface=127.0.0.1); repeatable;
+        overrides server.port/server.host."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        self["root"] = os.path.abspath(self["root"])
+        if not os.path.isdir(self["root"]):
+            raise usage.UsageError(f"--root {self['root']}: no such directory")
+        mode = self["mode"] or os.environ.get("TQSERVER_MODE") or "dev"
+        if mode.lower() not in MODES:
+            raise usage.UsageError(f"--mode {mode!r}: expected dev or prod")
+        self["mode"] = MODES[mode.lower()]
+        path = self["config"]
+        self["config"] = path if os.path.isabs(path) else os.path.join(self["root"], path)
+        self["server_config"], self["warnings"] = self._load_config(path != "etc/server.yaml")
+        if not self["listen"]:
+            s = self["server_config"].server
+            self["listen"] = [f"tcp:{s.port}:interface={s.host}"]
+        for description in self["listen"]:
+            problem = _listen_problem(description)
+            if problem:
+                raise usage.UsageError(problem)
+        if self["reload"] and self["mode"] != "dev":
+            raise usage.UsageError("--reload is for dev mode only")
+
+    def _load_config(self, explicit: bool):
+        path = self["config"]
+        if not explicit and not os.path.exists(path):
+            return default_server_config(), []
+        try:
+            return load_server_config(path)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def _listen_problem(description: str) -> Optional[str]:
+    """A clear sentence when a TCP endpoint cannot be bound now (port taken, bad address)."""
+    parts = description.split(":")
+    if parts[0] != "tcp":
+        return None
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    try:
+        port = int(kwargs.get("port", args[0] if args else ""))
+    except ValueError:
+        return f"--listen {description}: no TCP port in it"
+    host = kwargs.get("interface", "")
+    family = socket.AF_INET6 if ":" in host or host.startswith("[") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        return f"cannot listen on {host or '*'}:{port}: {e.strerror}"
+    finally:
+        sock.close()
+    return None
+
+
+def _public_url(listen: List[str], config: ServerConfig) -> str:
+    """Where workers can reach the supervisor itself (TQSERVER_URL)."""
+    for description in listen:
+        parts = description.split(":")
+        if parts[0] == "tcp":
+            args = [p for p in parts[1:] if "=" not in p]
+            kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+            port = kwargs.get("port", args[0] if args else config.server.port)
+            return f"http://127.0.0.1:{port}"
+    return ""
+
+
+class TQServer(MultiService):
+    """The root service. It also supplies twistd's log observer (console unless --quiet,
+    plus server.log_file), which twistd picks up from the application."""
+
+    def __init__(self, observer: ServerLogObserver) -> None:
+        MultiService.__init__(self)
+        self.observer = observer
+
+    def setServiceParent(self, parent) -> None:
+        MultiService.setServiceParent(self, parent)
+        set_component = getattr(parent, "setComponent", None)
+        if set_component is not None:
+            set_component(ILogObserver, self.observer)
+
+    def stopService(self):
+        d = MultiService.stopService(self)
+        d.addBoth(lambda r: (log.info("TQServer stopped"), r)[1])
+        return d
+
+
+class AccessLog:
+    """One line per request (SPEC §9) and the request metrics, from Site.log."""
+
+    def __init__(self, supervisor: Supervisor, reactor) -> None:
+        self.supervisor = supervisor
+        self.reactor = reactor
+
+    def __call__(self, request) -> None:
+        now = self.reactor.seconds()
+        started = getattr(request, "started_at", now)
+        seconds = now - started
+        pool = request.worker_pool
+        worker = pool.name if pool is not None else "-"
+        fwd = request.forward
+        instance = getattr(fwd, "instance_id", None) or "-"
+        code = request.code
+        self.supervisor.metrics.observe_request(worker, code, seconds)
+        if self.supervisor.config.server.access_log:
+            access_log.info(
+                '{client} "{method} {path} {proto}" {code} {size} {ms:.1f}ms worker={worker} '
+                'instance={instance} rid={rid}',
+                client=request.client_ip, method=request.method.decode("latin-1"),
+                path=request.uri.decode("latin-1"), proto=request.clientproto.decode("latin-1"),
+                code=code, size=request.sentLength, ms=seconds * 1000, worker=worker,
+                instance=instance, rid=request.request_id.decode("latin-1"))
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    root = options["root"]
+    config: ServerConfig = options["server_config"]
+    observer = ServerLogObserver(
+        quiet=options["quiet"], file_template=resolve_template(config.server.log_file, root))
+    top = TQServer(observer)
+    for warning in options["warnings"]:
+        log.warn("{warning}", warning=str(warning))
+
+    supervisor = Supervisor(reactor, root, options["config"], options["mode"], config,
+                            public_url=_public_url(options["listen"], config))
+    supervisor.setServiceParent(top)
+    front = Front(supervisor, reactor)
+    front.reserved = Reserved(supervisor)
+    supervisor.front = front
+    site = ProxySite(front, timeout=config.server.idle_timeout_seconds,
+                     log_access=AccessLog(supervisor, reactor))
+    for description in options["listen"]:
+        endpoint = endpoints.serverFromString(reactor, description)
+        service = StreamServerEndpointService(endpoint, site)
+        service._raiseSynchronously = True
+        service.setServiceParent(top)
+    log.info("TQServer starting in {mode} mode, root {root}, listening on {listen}",
+             mode=options["mode"], root=root, listen=", ".join(options["listen"]))
+    return top
+
+
+__all__ = ["Options", "makeService"]

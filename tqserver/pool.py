@@ -342,7 +342,8 @@ class WorkerPool(Service):
             if inst.inflight:
                 grace = task.deferLater(reactor, s.shutdown_grace_period_ms / 1000.0, lambda: None)
                 idle = inst.idle()
-                await defer.DeferredList([grace, idle], fireOnOneCallback=True)
+                await defer.DeferredList([grace, idle], fireOnOneCallback=True,
+                                         consumeErrors=True)
                 grace.cancel()
             await inst.stop(s.kill_timeout_ms / 1000.0)
         d = defer.ensureDeferred(drain())

@@ -1,0 +1,255 @@
+"""WorkerPool state machine on a fake reactor: start, swap, drain, failed starts, crashes
+with backoff, health replacement, stop."""
+from __future__ import annotations
+
+import signal
+
+import attrs
+from twisted.trial import unittest
+
+from tqserver import process
+from tqserver.config import default_server_config, default_worker_config
+from tqserver.discovery import WorkerSpec
+from tqserver.health import HealthChecker
+from tqserver.pool import PoolContext, WorkerPool
+from tqserver.ports import PortPool
+from tqserver.runtimes.command import CommandRuntime
+
+from .fakes import FakeProcessReactor, GroupSignals, ScriptedProbe
+
+
+class PoolTestBase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.signals = GroupSignals(self.reactor)
+        self.patch(process, "signal_group", self.signals)
+        self.probe = ScriptedProbe()
+        self.settings = default_server_config().workers
+        self.ports = PortPool(9000, 9010, is_free=lambda p: True)
+        directory = self.mktemp()
+        config = attrs.evolve(default_worker_config(), type="command",
+                              command=("worker", "--port", "{port}"))
+        self.spec = WorkerSpec(name="api", directory=directory, route="/api", type="command",
+                               config=config, config_file=None)
+        self.changes = []
+        ctx = PoolContext(reactor=self.reactor, root=directory, mode="dev", ports=self.ports,
+                          settings=lambda: self.settings, probe=self.probe,
+                          changed=lambda pool, what: self.changes.append(what))
+        self.pool = WorkerPool(self.spec, CommandRuntime(), ctx)
+
+    def start_healthy(self):
+        self.pool.startService()
+        self.reactor.advance(0.1)   # startup_delay_ms
+        self.assertEqual(len(self.pool.serving), 1)
+        return self.pool.serving[0]
+
+
+class StartTests(PoolTestBase):
+    def test_first_instance_serves_after_first_healthy_probe(self) -> None:
+        self.probe.default = False
+        self.pool.startService()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        spawned = self.reactor.spawned[0]
+        self.assertEqual(spawned.argv[-3:], ["worker", "--port", "9000"])
+        self.assertEqual(spawned.env["WORKER_PORT"], "9000")
+        self.assertEqual(spawned.env["WORKER_ROUTE"], "/api")
+        self.assertEqual(spawned.env["WORKER_MODE"], "development")
+        self.reactor.advance(0.1)
+        self.assertEqual(self.pool.serving, ())
+        self.assertEqual(self.pool.status, "starting")
+        self.probe.default = True
+        self.reactor.advance(0.025)
+        self.assertEqual(len(self.pool.serving), 1)
+        self.assertEqual(self.pool.status, "healthy")
+        self.assertEqual(self.pool.serving[0].state, "ready")
+
+    def test_never_healthy_is_stopped_and_retried_with_backoff(self) -> None:
+        self.probe.default = False
+        self.pool.startService()
+        first = self.reactor.spawned[0]
+        self.reactor.advance(0.1)
+        for _ in range(400):
+            self.reactor.advance(0.025)
+        self.assertTrue(first.ended)
+        self.assertIn((first.pid, signal.SIGTERM), self.signals.sent)
+        self.assertIn("not healthy within 10000 ms", self.pool.error)
+        self.assertEqual(self.pool.status, "starting")  # a retry is scheduled
+        self.reactor.advance(0.1)  # restart_backoff_min_ms
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertNotIn(9000, self.ports.in_use)
+
+    def test_exit_during_startup_is_reported(self) -> None:
+        self.probe.default = False
+        self.pool.startService()
+        self.reactor.spawned[0].exit(3)
+        self.reactor.advance(0.1)
+        self.assertIn("exited with status 3 before becoming healthy", self.pool.error)
+
+    def test_wait_serving_holds_until_ready(self) -> None:
+        self.pool.startService()
+        got = []
+        self.pool.wait_serving(5).addCallback(got.append)
+        self.assertEqual(got, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(got, [self.pool.serving[0]])
+
+    def test_wait_serving_times_out(self) -> None:
+        self.probe.default = False
+        self.pool.startService()
+        got = []
+        self.pool.wait_serving(1).addCallback(got.append)
+        self.reactor.advance(1.0)
+        self.assertEqual(got, [None])
+
+
+class SwapTests(PoolTestBase):
+    def test_swap_drains_old_after_new_is_healthy(self) -> None:
+        old = self.start_healthy()
+        old.request_started()           # a request in flight on the old instance
+        self.probe.answers[9001] = False
+        self.pool.deploy("source changed")
+        self.reactor.advance(0.1)
+        self.assertEqual(self.pool.serving, (old,))   # new one not healthy yet: no switch
+        self.probe.answers[9001] = True
+        self.reactor.advance(0.025)
+        new = self.pool.serving[0]
+        self.assertIsNot(new, old)
+        self.assertEqual(new.port, 9001)
+        self.assertEqual(old.state, "draining")
+        self.reactor.advance(0.1)     # restart_delay_ms: still in flight, no signal yet
+        self.assertNotIn((old.pid, signal.SIGTERM), self.signals.sent)
+        old.request_finished()        # drained
+        self.reactor.advance(0)
+        self.assertIn((old.pid, signal.SIGTERM), self.signals.sent)
+        self.assertEqual(old.state, "exited")
+        self.assertNotIn(9000, self.ports.in_use)
+
+    def test_grace_period_bounds_the_drain(self) -> None:
+        old = self.start_healthy()
+        old.request_started()
+        self.pool.deploy("change")
+        self.reactor.advance(0.1)
+        self.reactor.advance(0.1)     # restart delay
+        self.reactor.advance(0.5)     # shutdown_grace_period_ms
+        self.assertIn((old.pid, signal.SIGTERM), self.signals.sent)
+
+    def test_sigkill_after_kill_timeout(self) -> None:
+        old = self.start_healthy()
+        self.signals.ignore_term.add(old.pid)
+        self.pool.deploy("change")
+        self.reactor.advance(0.1)
+        self.reactor.advance(0.1)
+        self.assertIn((old.pid, signal.SIGTERM), self.signals.sent)
+        self.assertNotEqual(old.state, "exited")
+        self.reactor.advance(5.0)     # kill_timeout_ms
+        self.assertIn((old.pid, signal.SIGKILL), self.signals.sent)
+        self.assertEqual(old.state, "exited")
+
+    def test_failed_new_instance_keeps_old_serving(self) -> None:
+        old = self.start_healthy()
+        self.probe.answers[9001] = False
+        self.pool.deploy("change")
+        for _ in range(500):
+            self.reactor.advance(0.025)
+        self.assertEqual(self.pool.serving, (old,))
+        self.assertEqual(old.state, "ready")
+        self.assertIn("not healthy", self.pool.error)
+        self.assertEqual(self.pool.status, "healthy")
+
+    def test_deploys_coalesce(self) -> None:
+        self.start_healthy()
+        results = [self.pool.deploy("a"), self.pool.deploy("b"), self.pool.deploy("c")]
+        # one running, the other two merged into one queued deploy
+        self.reactor.advance(0.1)
+        self.reactor.advance(0.1)
+        fired = [d.called for d in results]
+        self.assertEqual(fired, [True, True, True])
+        self.assertEqual(len(self.reactor.spawned), 3)   # initial + running + one queued
+
+
+class CrashTests(PoolTestBase):
+    def test_crash_restarts_with_doubling_backoff(self) -> None:
+        inst = self.start_healthy()
+        self.reactor.by_pid(inst.pid).exit(2)
+        self.assertEqual(self.pool.serving, ())
+        self.assertEqual(self.pool.restarts["crash"], 1)
+        self.assertIn("exited with status 2", self.pool.error)
+        self.reactor.advance(0.099)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.advance(0.001)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(0.1)
+        second = self.pool.serving[0]
+        self.reactor.by_pid(second.pid).exit(2)
+        self.reactor.advance(0.199)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(0.001)
+        self.assertEqual(len(self.reactor.spawned), 3)
+
+    def test_stable_run_resets_backoff(self) -> None:
+        inst = self.start_healthy()
+        self.reactor.by_pid(inst.pid).exit(2)
+        self.reactor.advance(0.1)
+        self.reactor.advance(0.1)
+        second = self.pool.serving[0]
+        self.reactor.advance(60)
+        self.reactor.by_pid(second.pid).exit(2)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.reactor.spawned), 3)
+
+    def test_crash_loop_is_reported(self) -> None:
+        self.start_healthy()
+        for _ in range(5):
+            inst = self.pool.serving[0]
+            self.reactor.by_pid(inst.pid).exit(1)
+            for _ in range(40):
+                self.reactor.advance(0.05)
+                if self.pool.serving:
+                    break
+        self.assertTrue(self.pool.crash_loop)
+        self.assertTrue(self.pool.describe()["crash_loop"])
+        self.assertEqual(self.pool.status, "degraded")
+
+
+class HealthReplacementTests(PoolTestBase):
+    def test_consecutive_failures_replace_instance(self) -> None:
+        self.settings = attrs.evolve(self.settings, health_check_interval_ms=1000)
+        inst = self.start_healthy()
+        checker = HealthChecker(self.reactor, lambda: [self.pool], self.probe,
+                                lambda: self.settings)
+        checker.startService()
+        self.addCleanup(checker.stopService)
+        self.probe.answers[inst.port] = False
+        self.reactor.advance(1)
+        self.reactor.advance(1)
+        self.assertEqual(inst.health_failures, 2)
+        self.assertEqual(self.pool.status, "degraded")
+        self.assertEqual(self.pool.serving, (inst,))
+        self.reactor.advance(1)       # third failure: replaced
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 1)
+        self.assertIsNot(self.pool.serving[0], inst)
+        self.assertEqual(self.pool.restarts["health"], 1)
+
+    def test_success_resets_failures(self) -> None:
+        self.settings = attrs.evolve(self.settings, health_check_interval_ms=1000)
+        inst = self.start_healthy()
+        checker = HealthChecker(self.reactor, lambda: [self.pool], self.probe,
+                                lambda: self.settings)
+        checker.startService()
+        self.addCleanup(checker.stopService)
+        self.probe.answers[inst.port] = False
+        self.reactor.advance(1)
+        self.probe.answers[inst.port] = True
+        self.reactor.advance(1)
+        self.assertEqual(inst.health_failures, 0)
+
+
+class StopTests(PoolTestBase):
+    def test_stop_terminates_every_instance(self) -> None:
+        inst = self.start_healthy()
+        d = self.pool.stopService()
+        self.assertIn((inst.pid, signal.SIGTERM), self.signals.sent)
+        self.assertTrue(d.called)
+        self.assertEqual(self.pool.status, "stopped")
+        self.assertEqual(self.ports.in_use, frozenset())

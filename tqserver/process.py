@@ -37,8 +37,14 @@ def signal_group(pid: Optional[int], sig: int) -> bool:
         os.killpg(pid, sig)
         return True
     except ProcessLookupError:
-        return False
+        pass
     except PermissionError:
+        return False
+    try:
+        # Just spawned: setsid(1) may not have made the group yet; signal the leader itself.
+        os.kill(pid, sig)
+        return True
+    except OSError:
         return False
 
 
@@ -175,14 +181,14 @@ class Instance(ProcessProtocol):
             self._kill_call.cancel()
         self._kill_call = None
         self.state = "exited"
+        if self.on_exit is not None:
+            self.on_exit(self, reason)
         waiters, self._ended = self._ended, []
         for d in waiters:
             d.callback(self)
         waiters, self._idle_waiters = self._idle_waiters, []
         for d in waiters:
             d.callback(self)
-        if self.on_exit is not None:
-            self.on_exit(self, reason)
 
     def connectionMade(self) -> None:
         self._leader_pid = self.transport.pid

@@ -71,7 +71,7 @@ class Options(usage.Options):
         for description in self["listen"]:
             problem = _listen_problem(description)
             if problem:
-                raise usage.UsageError(problem)
+                raise fatal(problem)
         if self["reload"] and self["mode"] != "dev":
             raise usage.UsageError("--reload is for dev mode only")
 
@@ -82,7 +82,13 @@ class Options(usage.Options):
         try:
             return load_server_config(path)
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise fatal(str(e))
+
+
+def fatal(message: str) -> SystemExit:
+    """A startup problem the user must fix: one line on stderr, exit status 1 (a
+    UsageError would bury it under twistd's whole usage text)."""
+    return SystemExit(f"tqserver: {message}")
 
 
 def _listen_problem(description: str) -> Optional[str]:
@@ -137,8 +143,17 @@ class TQServer(MultiService):
 
     def stopService(self):
         d = MultiService.stopService(self)
-        d.addBoth(lambda r: (log.info("TQServer stopped"), r)[1])
+        d.addBoth(self._stopped)
         return d
+
+    def _stopped(self, result):
+        log.info("TQServer stopped")
+        # twistd re-raises SIGTERM/SIGINT on itself after a clean shutdown, so the exit
+        # status would say "killed". Every worker was drained and stopped: report success.
+        from twisted.internet import reactor
+        if getattr(reactor, "_exitSignal", None) is not None:
+            reactor._exitSignal = None
+        return result
 
 
 class AccessLog:

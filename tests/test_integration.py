@@ -1,0 +1,235 @@
+"""The real thing: `twistd tqserver` with real Python and Go workers on loopback."""
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from .support import (Client, Project, find_go, kill_leftovers, processes_of,
+                      spawn_twistd, stop_twistd, wait_until)
+
+PY_WORKER = """
+from tqserver.worker import serve
+
+def app(environ, start_response):
+    body = ("python %s %s" % (environ["PATH_INFO"], environ.get("HTTP_X_FORWARDED_PREFIX", ""))).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+serve(app)
+"""
+
+
+def d(coro):
+    return defer.ensureDeferred(coro)
+
+
+class IntegrationBase(unittest.TestCase):
+    timeout = 240
+
+    def make_project(self, **settings) -> Project:
+        project = Project(os.path.abspath(self.mktemp()), **settings)
+        self.addCleanup(kill_leftovers, project.root)
+        return project
+
+    def start(self, project: Project, *args, **kw):
+        proc = spawn_twistd(project, *args, **kw)
+        self.addCleanup(lambda: None if proc.done else d(stop_twistd(proc)))
+        return proc
+
+    async def wait_healthy(self, client: Client, project: Project, proc, workers, timeout=180):
+        async def healthy():
+            code, body = await client.get_json(project.url + "/health")
+            states = {name: w["status"] for name, w in body["workers"].items()}
+            return all(states.get(name) == "healthy" for name in workers)
+        await wait_until(healthy, timeout, f"workers {workers} healthy", proc)
+
+
+class ExampleSiteTests(IntegrationBase):
+    """The example site from the README: index (Python) and hello (Go)."""
+
+    def setUp(self):
+        if find_go() is None:
+            raise unittest.SkipTest("Go is not installed (bin/install-toolchains --only go)")
+
+    def test_example_site(self):
+        return d(self._example_site())
+
+    async def _example_site(self):
+        project = self.make_project()
+        project.copy_worker("index")
+        project.copy_worker("hello")
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["index", "hello"])
+
+        response, body = await client.get(project.url + "/")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"TQServer", body)
+        self.assertEqual(response.headers.getRawHeaders("x-tqserver-worker-name"), ["index"])
+
+        response, body = await client.get(project.url + "/hello")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"Hello from Go", body)
+        self.assertEqual(response.headers.getRawHeaders("x-tqserver-worker-type"), ["go"])
+
+        response, body = await client.get(project.url + "/hello/bench")
+        self.assertEqual((response.code, body.strip()), (200, b"Hello, World!"))
+
+        response, body = await client.get(project.url + "/hellox")
+        self.assertEqual(response.headers.getRawHeaders("x-tqserver-worker-name"), ["index"])
+
+        code, health = await client.get_json(project.url + "/health")
+        self.assertEqual(code, 200)
+        self.assertEqual(health["status"], "healthy")
+        self.assertEqual(health["workers"]["hello"]["route"], "/hello")
+
+        code, status = await client.get_json(project.url + "/_tqserver/api/status")
+        self.assertEqual(code, 200)
+        pids = [i["pid"] for w in status["workers"].values() for i in w["instances"]]
+        self.assertEqual(len(pids), 2)
+        self.assertTrue(processes_of(project.root))
+
+        self.assertEqual(await stop_twistd(proc), 0)
+        self.assertEqual(processes_of(project.root), [])
+        log_dir = os.path.join(project.root, "logs")
+        self.assertTrue(any(n.startswith("worker_hello_") for n in os.listdir(log_dir)))
+
+
+class LifecycleTests(IntegrationBase):
+    """Python-only projects: fast, and no toolchain needed."""
+
+    def python_project(self, **settings) -> Project:
+        project = self.make_project(**settings)
+        project.write("workers/app/src/main.py", PY_WORKER)
+        project.write("workers/app/config/worker.yaml", "path: /app\n")
+        return project
+
+    def test_routes_and_sigterm_leaves_nothing(self):
+        return d(self._routes_and_sigterm())
+
+    async def _routes_and_sigterm(self):
+        project = self.python_project()
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        response, body = await client.get(project.url + "/app/items?x=1")
+        self.assertEqual(body, b"python /items /app")
+        response, body = await client.get(project.url + "/appx")
+        self.assertEqual(response.code, 404)
+        self.assertNotIn(b"Traceback", body)
+        children = processes_of(project.root)
+        self.assertEqual(len(children), 1)
+        self.assertEqual(os.getpgid(children[0].pid), children[0].pid)  # own process group
+        self.assertEqual(await stop_twistd(proc), 0)
+        self.assertEqual(processes_of(project.root), [])
+
+    def test_daemon_writes_and_removes_pidfile(self):
+        return d(self._daemon())
+
+    async def _daemon(self):
+        project = self.python_project()
+        proc = self.start(project, daemon=True)
+        pidfile = os.path.join(project.root, "run", "tqserver.pid")
+        client = Client(self)
+
+        async def pidfile_written():
+            return os.path.exists(pidfile) and os.path.getsize(pidfile) > 0
+        await wait_until(pidfile_written, 30, "the pidfile")
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(lambda: _kill_quietly(pid))
+        await self.wait_healthy(client, project, None, ["app"], timeout=60)
+        os.kill(pid, signal.SIGTERM)
+
+        async def gone():
+            return not os.path.exists(pidfile) and not _alive(pid)
+        await wait_until(gone, 30, "the daemon to exit and remove its pidfile")
+        self.assertEqual(processes_of(project.root), [])
+        await proc.ended
+
+    def test_bad_config_is_one_clear_line(self):
+        return d(self._bad_config())
+
+    async def _bad_config(self):
+        project = self.python_project()
+        project.write("etc/server.yaml", "server:\n  port: eighty\n")
+        proc = self.start(project)
+        code = await proc.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn("server.yaml:2:9: server.port", proc.text)
+        self.assertNotIn("Traceback", proc.text)
+
+    def test_port_taken_is_one_clear_line(self):
+        return d(self._port_taken())
+
+    async def _port_taken(self):
+        import socket
+        project = self.python_project()
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", project.port))
+        blocker.listen(1)
+        proc = self.start(project)
+        code = await proc.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"cannot listen on 127.0.0.1:{project.port}", proc.text)
+        self.assertNotIn("Traceback", proc.text)
+
+    def test_leftovers_of_a_killed_supervisor_are_stopped(self):
+        return d(self._leftovers())
+
+    async def _leftovers(self):
+        project = self.python_project()
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        orphans = [p.pid for p in processes_of(project.root)]
+        self.assertEqual(len(orphans), 1)
+        proc.transport.signalProcess("KILL")
+        await proc.ended
+        self.assertTrue(_alive(orphans[0]))   # kill -9 leaves the worker behind...
+        proc2 = self.start(project)
+        await self.wait_healthy(client, project, proc2, ["app"], timeout=60)
+        self.assertFalse(_alive(orphans[0]))  # ...and the next start stops it
+        self.assertEqual(await stop_twistd(proc2), 0)
+        self.assertEqual(processes_of(project.root), [])
+
+    def test_crashed_worker_is_restarted(self):
+        return d(self._crash())
+
+    async def _crash(self):
+        project = self.python_project()
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        [worker] = processes_of(project.root)
+        worker.send_signal(signal.SIGKILL)
+
+        async def replaced():
+            pids = [p.pid for p in processes_of(project.root)]
+            return pids and worker.pid not in pids
+        await wait_until(replaced, 30, "a replacement instance", proc)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=30)
+        code, health = await client.get_json(project.url + "/health")
+        self.assertEqual(health["workers"]["app"]["restarts"].get("crash"), 1)
+        await stop_twistd(proc)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+

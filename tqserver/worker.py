@@ -27,20 +27,27 @@ Environment (all optional):
 ``WORKER_READ_TIMEOUT_SECONDS``  socket timeout inside a request (default 60)
 
 Start-up time is part of the dev loop (save -> new code served), so the WSGI
-server is built on ``socketserver`` plus a small HTTP/1.1 parser and does not
-import ``http.server`` (http.client, email, ssl: ~60 ms on CPython, ~150 ms on
-PyPy) nor Twisted.  Twisted is imported only to serve a Twisted resource.
+server is a small HTTP/1.1 implementation on the interpreter's C modules
+(``_socket``, ``_thread``, ``_signal``, ``select``, ``io``): it does not import
+``http.server`` (http.client, email, ssl: ~60 ms on CPython, ~150 ms on PyPy),
+nor ``socket``/``threading``/``signal``/``socketserver`` (their enum set-up
+alone costs ~70 ms on PyPy), nor Twisted.  Twisted is imported only to serve a
+Twisted resource.  A thread per connection; keep-alive; chunked both ways.
 """
 from __future__ import annotations
 
+import _socket
+import _thread
+import io
 import os
 import select
-import signal
-import socket
-import socketserver
 import sys
-import threading
 import time
+
+try:
+    import _signal as _sig   # the C module: ``signal`` builds enums (slow on PyPy)
+except ImportError:  # pragma: no cover
+    import signal as _sig
 
 __all__ = ["serve", "worker_info", "ClientDisconnected"]
 
@@ -83,7 +90,7 @@ class _BadRequestBody(ValueError):
 def worker_info() -> dict:
     """The worker's identity as set by the supervisor (SPEC §5).
 
-    Keys: name, route, port (int or None), host, mode, type, dir, root.
+    Keys: name, route, port (int or None), host, mode, type, dir, root, instance.
     Values are None when the variable is not set (e.g. run by hand).
     """
     env = os.environ
@@ -101,6 +108,7 @@ def worker_info() -> dict:
         "type": env.get("WORKER_TYPE"),
         "dir": env.get("WORKER_DIR"),
         "root": env.get("TQSERVER_ROOT"),
+        "instance": env.get("WORKER_INSTANCE"),
     }
 
 
@@ -153,7 +161,7 @@ def _is_token(s: str) -> bool:
     return all(c in _TOKEN_CHARS for c in s)
 
 
-def _readable(sock: socket.socket) -> bool:
+def _readable(sock) -> bool:
     try:
         if hasattr(select, "poll"):
             p = select.poll()
@@ -401,8 +409,8 @@ class _FileWrapper:
 class _Response:
     """start_response/write for one request, with framing decisions."""
 
-    def __init__(self, sock: socket.socket, keep: bool, head: bool, http11: bool,
-                 server: "_WSGIServer") -> None:
+    def __init__(self, sock, keep: bool, head: bool, http11: bool,
+                 server: "_Server") -> None:
         self.sock = sock
         self.keep = keep
         self.head = head
@@ -560,28 +568,43 @@ class _Response:
 # --------------------------------------------------------------------------
 # connection handler
 
-class _ConnState:
-    __slots__ = ("idle", "served")
+class _SockReader(io.RawIOBase):
+    """Raw reader over a _socket.socket, for io.BufferedReader."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock) -> None:
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        return self._sock.recv_into(buf)
+
+
+class _ConnState:
+    __slots__ = ("sock", "idle", "served")
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
         self.idle = True
         self.served = 0
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    disable_nagle_algorithm = True
-    rbufsize = 65536
+class _Connection:
+    """One client connection: a loop of HTTP/1.1 requests (keep-alive)."""
 
-    server: "_WSGIServer"
-
-    def setup(self) -> None:
-        super().setup()
+    def __init__(self, server: "_Server", sock, client_address, state: _ConnState) -> None:
+        self.server = server
+        self.connection = sock
+        self.client_address = client_address
+        self.state = state
+        self.rfile = io.BufferedReader(_SockReader(sock), 65536)
         self._linger = False
 
     def handle(self) -> None:
         srv = self.server
         conn = self.connection
-        state = srv.conn_state(conn)
+        state = self.state
         blank = 0
         while True:
             with srv.lock:
@@ -613,26 +636,33 @@ class _Handler(socketserver.StreamRequestHandler):
             if not keep:
                 return
 
-    def finish(self) -> None:
+    def close(self) -> None:
+        conn = self.connection
         if self._linger:
             # Unread request body: half-close and swallow what the client still
             # sends, so that our response is not destroyed by a TCP reset.
             try:
-                self.connection.shutdown(socket.SHUT_WR)
-                self.connection.settimeout(0.5)
+                conn.shutdown(_socket.SHUT_WR)
+                conn.settimeout(0.5)
                 end = time.monotonic() + 2.0
                 total = 0
                 while total < _MAX_DISCARD and time.monotonic() < end:
-                    data = self.connection.recv(65536)
+                    data = conn.recv(65536)
                     if not data:
                         break
                     total += len(data)
             except OSError:
                 pass
+        else:
+            try:
+                conn.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
         try:
-            super().finish()
-        except OSError:
+            self.rfile.close()
+        except Exception:
             pass
+        conn.close()
 
     # -- helpers ------------------------------------------------------------
 
@@ -855,33 +885,41 @@ class _Handler(socketserver.StreamRequestHandler):
 # --------------------------------------------------------------------------
 # server
 
-class _WSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-    block_on_close = False
+class _Server:
+    """Listening socket, accept loop, connection threads, graceful drain."""
 
-    def __init__(self, address, app, family, health_path: str,
+    def __init__(self, host: str, port: int, app, health_path: str,
                  idle_timeout: float, read_timeout: float) -> None:
-        self.address_family = family
+        self.family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+        sock = _socket.socket(self.family, _socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+        self.host = host
+        self.port = sock.getsockname()[1]
         self.app = app
         self.health_path = health_path
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.draining = False
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.conns = {}
+        self.lock = _thread.allocate_lock()
+        self.conns = set()
+        self._changed = _thread.allocate_lock()   # released when conns changes
+        self._changed.acquire()
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        socketserver.TCPServer.__init__(self, address, _Handler)
-        host, port = self.server_address[:2]
         self.base_environ = {
             "SCRIPT_NAME": "",
-            "SERVER_NAME": str(host),
-            "SERVER_PORT": str(port),
+            "SERVER_NAME": host,
+            "SERVER_PORT": str(self.port),
             "SERVER_SOFTWARE": "tqserver.worker",
             "GATEWAY_INTERFACE": "CGI/1.1",
             "wsgi.version": (1, 0),
@@ -894,38 +932,58 @@ class _WSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             "wsgi.file_wrapper": _FileWrapper,
         }
 
-    # connection bookkeeping
-    def conn_state(self, conn) -> _ConnState:
-        with self.lock:
-            state = self.conns.get(conn)
-            if state is None:
-                state = self.conns[conn] = _ConnState()
-            return state
+    # -- connections ------------------------------------------------------------
 
-    def process_request(self, request, client_address) -> None:
+    def _start(self, fd: int, addr) -> None:
+        conn = _socket.socket(self.family, _socket.SOCK_STREAM, 0, fd)
+        state = _ConnState(conn)
         with self.lock:
-            self.conns[request] = _ConnState()
+            self.conns.add(state)
         try:
-            super().process_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-            self.shutdown_request(request)
+            _thread.start_new_thread(self._serve_connection, (conn, addr, state))
+        except Exception as e:   # can't start new thread
+            _log("cannot serve a connection: %s" % e)
+            conn.close()
+            self._forget(state)
 
-    def shutdown_request(self, request) -> None:
+    def _serve_connection(self, conn, addr, state: _ConnState) -> None:
+        handler = None
         try:
-            super().shutdown_request(request)
+            try:
+                conn.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            handler = _Connection(self, conn, addr, state)
+            handler.handle()
+        except OSError:
+            pass
+        except BaseException:
+            try:
+                import traceback
+                _log("connection from %s failed:\n%s"
+                     % (addr, traceback.format_exc().rstrip()))
+            except BaseException:
+                pass
         finally:
-            with self.lock:
-                self.conns.pop(request, None)
-                self.cond.notify_all()
+            try:
+                if handler is not None:
+                    handler.close()
+                else:
+                    conn.close()
+            except BaseException:
+                pass
+            self._forget(state)
 
-    def handle_error(self, request, client_address) -> None:
-        import traceback
-        _log("connection from %s failed:\n%s" % (client_address, traceback.format_exc().rstrip()))
+    def _forget(self, state: _ConnState) -> None:
+        with self.lock:
+            self.conns.discard(state)
+            if self._changed.locked():
+                self._changed.release()
 
-    # main loop
+    # -- accept loop ------------------------------------------------------------
+
     def request_stop(self) -> bool:
-        """Signal-safe; returns False if a stop was already requested."""
+        """Async-signal friendly; returns False if a stop was already requested."""
         if self._stop:
             return False
         self._stop = True
@@ -938,7 +996,7 @@ class _WSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def _accept_pending(self) -> None:
         while True:
             try:
-                request, addr = self.socket.accept()
+                fd, addr = self.sock._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -947,11 +1005,10 @@ class _WSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 _log("accept failed: %s" % e)
                 time.sleep(0.05)
                 return
-            self.process_request(request, addr)
+            self._start(fd, addr)
 
     def run(self) -> None:
-        self.socket.setblocking(False)
-        lfd = self.socket.fileno()
+        lfd = self.sock.fileno()
         if hasattr(select, "poll"):
             poller = select.poll()
             poller.register(lfd, select.POLLIN)
@@ -966,39 +1023,43 @@ class _WSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def drain(self, seconds: float) -> int:
         """Stop accepting, close idle connections, wait for the busy ones."""
-        # Connections the kernel already completed are ours to serve.
+        # Connections the kernel has already completed are ours to serve.
         self._accept_pending()
-        self.server_close()
+        self.close()
         with self.lock:
             self.draining = True
-            for conn, state in list(self.conns.items()):
-                if state.idle and not _readable(conn):
+            for state in list(self.conns):
+                # An idle keep-alive connection is closed, unless a request is
+                # arriving on it right now (then it is served, then closed).
+                if state.idle and not _readable(state.sock):
                     try:
-                        conn.shutdown(socket.SHUT_RD)   # wakes the handler's read
+                        state.sock.shutdown(_socket.SHUT_RD)   # wakes its reader
                     except OSError:
                         pass
         end = time.monotonic() + seconds
-        with self.cond:
-            while self.conns:
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(min(left, 1.0))
-            left_over = len(self.conns)
+        while True:
+            with self.lock:
+                left_over = len(self.conns)
+            left = end - time.monotonic()
+            if not left_over or left <= 0:
+                return left_over
+            self._changed.acquire(True, min(left, 1.0))
+
+    def close(self) -> None:
+        self.sock.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        return left_over
+        self._wake_r = self._wake_w = -1
 
 
 def _serve_wsgi(app, host: str, port: int, health_path: str, drain_seconds: float) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        server = _WSGIServer((host, port), app, family, health_path,
-                             _env_float("WORKER_IDLE_TIMEOUT_SECONDS", 300.0),
-                             _env_float("WORKER_READ_TIMEOUT_SECONDS", 60.0))
+        server = _Server(host, port, app, health_path,
+                         _env_float("WORKER_IDLE_TIMEOUT_SECONDS", 300.0),
+                         _env_float("WORKER_READ_TIMEOUT_SECONDS", 60.0))
     except OSError as e:
         raise SystemExit("tqserver.worker: cannot listen on %s:%s: %s"
                          % (host, port, e.strerror or e))
@@ -1009,29 +1070,29 @@ def _serve_wsgi(app, host: str, port: int, health_path: str, drain_seconds: floa
             os._exit(1)
 
     installed = []
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            installed.append((sig, signal.signal(sig, on_signal)))
-    else:
+    try:
+        for sig in (_sig.SIGTERM, _sig.SIGINT):
+            installed.append((sig, _sig.signal(sig, on_signal)))
+    except ValueError:
         _log("serve() not called from the main thread: no SIGTERM handling")
 
     info = worker_info()
     _log("%s listening on http://%s:%d (WSGI)" % (
-        info["name"] or "worker", host if family == socket.AF_INET else "[%s]" % host,
-        server.server_address[1]))
+        info["name"] or "worker", host if ":" not in host else "[%s]" % host, server.port))
     try:
         server.run()
-        busy = len(server.conns)
-        _log("stopping: draining %d connection(s) (at most %gs)" % (busy, drain_seconds))
+        _log("stopping: draining %d connection(s) (at most %gs)"
+             % (len(server.conns), drain_seconds))
         left = server.drain(drain_seconds)
         if left:
             _log("drain timed out with %d connection(s) still busy" % left)
         _log("stopped")
     finally:
-        server.server_close()
+        if server._wake_r != -1:
+            server.close()
         for sig, old in installed:
             try:
-                signal.signal(sig, old)
+                _sig.signal(sig, old)
             except (TypeError, ValueError):
                 pass
 
@@ -1121,13 +1182,16 @@ def _serve_resource(root, host: str, port: int, health_path: str, drain_seconds:
     listening = outcome[0]
 
     def idle_and_busy():
+        """Close idle connections; count the ones with a request in progress."""
         busy = 0
         for proto in list(site.protocols):
+            # Site builds a _GenericHTTPChannelProtocol proxy around the HTTPChannel.
             channel = getattr(proto, "_channel", proto)
+            transport = getattr(channel, "transport", None)
             if getattr(channel, "requests", None):
                 busy += 1
-            elif proto.transport is not None:
-                proto.transport.loseConnection()
+            elif transport is not None:
+                transport.loseConnection()
         return busy
 
     def begin_drain():
@@ -1137,7 +1201,12 @@ def _serve_resource(root, host: str, port: int, health_path: str, drain_seconds:
         end = reactor.seconds() + drain_seconds
 
         def tick(_=None):
-            busy = idle_and_busy()
+            try:
+                busy = idle_and_busy()
+            except Exception:
+                import traceback
+                _log("drain failed:\n%s" % traceback.format_exc().rstrip())
+                busy = 0
             if busy and reactor.seconds() < end:
                 reactor.callLater(0.02, tick)
                 return
@@ -1156,8 +1225,8 @@ def _serve_resource(root, host: str, port: int, health_path: str, drain_seconds:
         reactor.callFromThread(begin_drain)
 
     def install_handlers():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
+        for sig in (_sig.SIGTERM, _sig.SIGINT):
+            _sig.signal(sig, on_signal)
 
     reactor.callWhenRunning(install_handlers)
     info = worker_info()

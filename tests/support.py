@@ -124,11 +124,12 @@ def spawn_twistd(project: Project, *args: str, daemon: bool = False,
                  env: Optional[Dict[str, str]] = None) -> TwistdProcess:
     proto = TwistdProcess()
     child_env = dict(os.environ)
-    child_env["PYTHONPATH"] = REPO + os.pathsep + child_env.get("PYTHONPATH", "")
+    code = (env or {}).get("PYTHONPATH", REPO)
+    child_env["PYTHONPATH"] = code + os.pathsep + os.environ.get("PYTHONPATH", "")
     go = find_go()
     if go:
         child_env["PATH"] = os.path.dirname(go) + os.pathsep + child_env.get("PATH", "")
-    child_env.update(env or {})
+    child_env.update({k: v for k, v in (env or {}).items() if k != "PYTHONPATH"})
     argv = twistd_argv()
     argv += (["--pidfile", os.path.join(project.root, "run", "tqserver.pid"),
               "--logfile", os.path.join(project.root, "logs", "twistd.log")] if daemon

@@ -7,7 +7,7 @@ import signal
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from .support import (Client, Project, find_go, kill_leftovers, processes_of,
+from .support import (Client, Project, find_go, kill_leftovers, processes_of, sleep,
                       spawn_twistd, stop_twistd, wait_until)
 
 PY_WORKER = """
@@ -233,3 +233,48 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
+
+
+class SelfReloadTests(IntegrationBase):
+    """--reload: hupper restarts the supervisor when TQServer's own source changes."""
+
+    def test_supervisor_restarts_on_own_source_change(self):
+        return d(self._self_reload())
+
+    async def _self_reload(self):
+        import shutil
+        from .support import REPO
+        code_copy = os.path.abspath(self.mktemp())
+        shutil.copytree(os.path.join(REPO, "tqserver"), os.path.join(code_copy, "tqserver"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(os.path.join(REPO, "twisted"), os.path.join(code_copy, "twisted"),
+                        ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"))
+        project = self.make_project()
+        project.write("workers/app/src/main.py", PY_WORKER)
+        project.write("workers/app/config/worker.yaml", "path: /app\n")
+        proc = self.start(project, "--reload", env={"PYTHONPATH": code_copy})
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        self.assertEqual(proc.text.count("TQServer starting"), 1)
+
+        async def restarted():
+            # hupper learns the module list a moment after start; an edit before that is
+            # not seen, so keep editing until the restart shows
+            with open(os.path.join(code_copy, "tqserver", "pages.py"), "a") as f:
+                f.write("\n# edited by the test\n")
+            await sleep(0.5)
+            return proc.text.count("TQServer starting") >= 2
+        await wait_until(restarted, 30, "the supervisor to restart", proc)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        self.assertEqual(len(processes_of(project.root)), 1)   # the old worker was stopped
+        self.assertEqual(await stop_twistd(proc), 0)
+        self.assertEqual(processes_of(project.root), [])
+
+    def test_reload_needs_foreground(self):
+        return d(self._reload_needs_foreground())
+
+    async def _reload_needs_foreground(self):
+        project = self.make_project()
+        proc = self.start(project, "--reload", daemon=True)
+        self.assertNotEqual(await proc.ended, 0)
+        self.assertIn("--reload needs the foreground", proc.text)

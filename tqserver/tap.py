@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -72,8 +73,10 @@ class Options(usage.Options):
             problem = _listen_problem(description)
             if problem:
                 raise fatal(problem)
-        if self["reload"] and self["mode"] != "dev":
-            raise usage.UsageError("--reload is for dev mode only")
+        if self["reload"]:
+            if self["mode"] != "dev":
+                raise fatal("--reload is for dev mode only")
+            start_self_reloader()
 
     def _load_config(self, explicit: bool):
         path = self["config"]
@@ -83,6 +86,26 @@ class Options(usage.Options):
             return load_server_config(path)
         except ConfigError as e:
             raise fatal(str(e))
+
+
+def start_self_reloader() -> None:
+    """--reload: hupper keeps a small monitor process that re-runs this very twistd command
+    in a fresh child whenever a loaded Python module (TQServer's own code included)
+    changes. In the child, hupper is active and startup continues normally."""
+    import hupper
+    if hupper.is_active():
+        return
+    twistd_args = sys.argv[1:sys.argv.index("tqserver")] if "tqserver" in sys.argv else []
+    if not any(arg == "--nodaemon" or (arg[:1] == "-" and arg[1:2] != "-" and "n" in arg)
+               for arg in twistd_args):
+        raise fatal("--reload needs the foreground: twistd -n tqserver --reload")
+    hupper.start_reloader("tqserver.tap.run_twistd", shutdown_interval=10)
+
+
+def run_twistd() -> None:
+    """The command hupper re-runs (with the original sys.argv)."""
+    from twisted.scripts.twistd import run
+    run()
 
 
 def fatal(message: str) -> SystemExit:

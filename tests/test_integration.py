@@ -278,3 +278,33 @@ class SelfReloadTests(IntegrationBase):
         proc = self.start(project, "--reload", daemon=True)
         self.assertNotEqual(await proc.ended, 0)
         self.assertIn("--reload needs the foreground", proc.text)
+
+
+class HangupTests(IntegrationBase):
+    def test_sighup_swaps_in_new_code_without_failures(self):
+        return d(self._hangup())
+
+    async def _hangup(self):
+        project = self.make_project()
+        project.write("workers/app/src/main.py", PY_WORKER)
+        project.write("workers/app/config/worker.yaml", "path: /app\n")
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        [old] = processes_of(project.root)
+        project.write("workers/app/src/main.py", PY_WORKER.replace('"python %s', '"v2 %s'))
+        proc.transport.signalProcess("HUP")
+        failures = []
+
+        async def new_code_served():
+            response, body = await client.get(project.url + "/app/x")
+            if response.code != 200:
+                failures.append(response.code)
+            return body.startswith(b"v2")
+        await wait_until(new_code_served, 30, "the new code after SIGHUP", proc)
+        self.assertEqual(failures, [])
+
+        async def old_gone():
+            return old.pid not in [p.pid for p in processes_of(project.root)]
+        await wait_until(old_gone, 30, "the old instance to be drained", proc)
+        self.assertEqual(await stop_twistd(proc), 0)

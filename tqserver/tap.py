@@ -22,6 +22,7 @@ from .logs import ServerLogObserver, resolve_template
 from .proxy import Front, ProxySite
 from .reserved import Reserved
 from .supervisor import Supervisor
+from .watch import HangupReload
 
 log = Logger()
 access_log = Logger(namespace="tqserver.access")
@@ -220,6 +221,7 @@ def makeService(options: Options):
     supervisor = Supervisor(reactor, root, options["config"], options["mode"], config,
                             public_url=_public_url(options["listen"], config))
     supervisor.setServiceParent(top)
+    HangupReload(reactor, supervisor.reload).setServiceParent(top)
     front = Front(supervisor, reactor)
     front.reserved = Reserved(supervisor)
     supervisor.front = front

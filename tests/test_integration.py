@@ -258,12 +258,15 @@ class SelfReloadTests(IntegrationBase):
         self.assertEqual(proc.text.count("TQServer starting"), 1)
 
         async def restarted():
-            # hupper learns the module list a moment after start; an edit before that is
-            # not seen, so keep editing until the restart shows
+            # hupper learns the module list a moment after start and misses an edit made
+            # before that; so edit, give the restart a few seconds, edit again if needed
             with open(os.path.join(code_copy, "tqserver", "pages.py"), "a") as f:
                 f.write("\n# edited by the test\n")
-            await sleep(0.5)
-            return proc.text.count("TQServer starting") >= 2
+            for _ in range(50):
+                if proc.text.count("TQServer starting") >= 2:
+                    return True
+                await sleep(0.1)
+            return False
         await wait_until(restarted, 30, "the supervisor to restart", proc)
         await self.wait_healthy(client, project, proc, ["app"], timeout=60)
         self.assertEqual(len(processes_of(project.root)), 1)   # the old worker was stopped

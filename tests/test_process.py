@@ -123,10 +123,12 @@ class BuildTests(unittest.TestCase):
     def test_cancel_kills_the_build(self):
         from twisted.internet import process as twisted_process
         marker = self.mktemp()
-        steps = [BuildStep([sys.executable, "-c", "import os, time; "
-                            f"open({marker!r}, 'w').write(str(os.getpid())); time.sleep(30)"],
-                           os.getcwd())]
+        script = ("import os, time\n"
+                  f"with open({marker!r}, 'w') as f: f.write(str(os.getpid()))\n"
+                  "time.sleep(30)\n")
+        steps = [BuildStep([sys.executable, "-c", script], os.getcwd())]
         d = run_build(reactor, steps)
+        self.addCleanup(lambda: d.called or d.cancel())
         yield defer.ensureDeferred(wait_for(lambda: os.path.exists(marker)
                                             and os.path.getsize(marker) > 0))
         with open(marker) as f:
@@ -135,4 +137,5 @@ class BuildTests(unittest.TestCase):
         with self.assertRaises(defer.CancelledError):
             yield d
         yield defer.ensureDeferred(wait_for(lambda: not pid_alive(pid)))
-        yield defer.ensureDeferred(wait_for(lambda: not twisted_process.reapProcessHandlers))
+        yield defer.ensureDeferred(wait_for(lambda: not twisted_process.reapProcessHandlers and not any(
+            isinstance(r, twisted_process.ProcessReader) for r in reactor.getReaders())))

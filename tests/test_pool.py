@@ -253,3 +253,45 @@ class StopTests(PoolTestBase):
         self.assertTrue(d.called)
         self.assertEqual(self.pool.status, "stopped")
         self.assertEqual(self.ports.in_use, frozenset())
+
+
+class ProblemTests(PoolTestBase):
+    def test_port_exhaustion_fails_only_this_worker(self) -> None:
+        self.ports.reconfigure(9000, 9000)
+        self.ports._in_use.add(9000)            # held by another worker
+        self.pool.startService()
+        self.assertEqual(self.pool.serving, ())
+        self.assertIn("no free port", self.pool.error)
+        self.assertEqual(self.pool.status, "starting")   # retried later, not spun on
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_missing_go_toolchain_names_what_to_install(self) -> None:
+        from tqserver.runtimes import go
+        self.patch(go, "find_tool", lambda *names: None)
+        spec = attrs.evolve(self.spec, type="go")
+        pool = WorkerPool(spec, go.GoRuntime(), self.pool.ctx)
+        pool.startService()
+        self.assertEqual(pool.status, "failed")
+        self.assertIn("install Go", pool.error)
+        self.assertIn("install Go", pool.build_error)
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_working_directory(self) -> None:
+        self.start_healthy()
+        self.assertEqual(self.reactor.spawned[0].path, self.spec.directory)
+        project = attrs.evolve(self.spec, config=attrs.evolve(self.spec.config,
+                                                              working_directory="project"))
+        pool = WorkerPool(project, CommandRuntime(), self.pool.ctx)
+        pool.startService()
+        self.assertEqual(self.reactor.spawned[-1].path, self.pool.ctx.root)
+
+    def test_env_from_config_wins(self) -> None:
+        spec = attrs.evolve(self.spec, config=attrs.evolve(self.spec.config,
+                                                           env={"GREETING": "hi", "PORT": "1"}))
+        pool = WorkerPool(spec, CommandRuntime(), self.pool.ctx)
+        pool.startService()
+        env = self.reactor.spawned[-1].env
+        self.assertEqual(env["GREETING"], "hi")
+        self.assertEqual(env["WORKER_PORT"], "9000")
+        self.assertEqual(env["WORKER_NAME"], "api")
+        self.assertEqual(env["TQSERVER_ROOT"], self.pool.ctx.root)

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from twisted.web.http_headers import Headers
 
 from . import pages, static
 from .router import strip_prefix
@@ -118,6 +119,7 @@ def send_error(request: "ProxyRequest", status: int, detail: str = "",
     request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
     request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [request.request_id])
     if retry_after is not None:
         request.responseHeaders.setRawHeaders(b"retry-after", [str(retry_after).encode()])
     if request.method != b"HEAD":
@@ -188,10 +190,10 @@ class Forward(UpstreamSink):
 
     def _connect_failed(self, failure: Failure) -> None:
         inst, self.instance = self.instance, None
+        if self.done:   # the client left while we connected: client_gone() did the accounting
+            return
         inst.request_finished()
         self.tried.add(inst)
-        if self.done:
-            return
         log.warn("{worker}: cannot connect to {id} on port {port}: {why}",
                  worker=self.pool.name, id=inst.id, port=inst.port,
                  why=failure.getErrorMessage())
@@ -269,6 +271,7 @@ class Forward(UpstreamSink):
         if request._disconnected:
             return
         self.response_started = True
+        request.defaultContentType = None   # relay the worker's Content-Type, never invent one
         request.setResponseCode(code, reason or None)
         out = request.responseHeaders
         connection_tokens = [v.strip().lower() for n, vs in headers if n.lower() == b"connection"
@@ -297,6 +300,11 @@ class Forward(UpstreamSink):
         self.request.write(data)
 
     def upstream_done(self) -> None:
+        if self.has_body and not self.body_complete and self.conn is not None:
+            # The worker answered before the whole request body was sent (an early 413, 401...):
+            # the rest of the body is discarded, so that connection can carry nothing more.
+            conn, self.conn = self.conn, None
+            conn.abort()
         self._finish_instance()
         self._end()
         request = self.request
@@ -318,8 +326,16 @@ class Forward(UpstreamSink):
             self._connect()
             return
         self._end()
-        if self.request.producer is not None:
-            self.request.unregisterProducer()
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        if self.response_started and not request.startedWriting:
+            # The worker's head came, but not one byte of body: the 502 must not carry its
+            # headers (Content-Encoding, Set-Cookie, ETag...).
+            connection = request.responseHeaders.getRawHeaders(b"connection")
+            request.responseHeaders = Headers()
+            if connection:
+                request.responseHeaders.setRawHeaders(b"connection", connection)
         why = reason.getErrorMessage()
         log.warn("{worker}: request to {id} failed: {why}", worker=self.pool.name,
                  id=inst.id if inst else "?", why=why)
@@ -535,7 +551,9 @@ class ProxyRequest(server.Request):
         return _BodyProducer(self)
 
     def pause_reading(self) -> None:
-        if not self._reading_paused and not self._body_read and self.channel is not None:
+        # Not guarded by _reading_paused: HTTPChannel resumes its transport by itself when
+        # the response side drains, so every upstream-full signal must pause again.
+        if not self._body_read and self.channel is not None and self.channel.transport:
             self._reading_paused = True
             self.channel.transport.pauseProducing()
 
@@ -578,6 +596,13 @@ class ProxyChannel(http.HTTPChannel):
         req.head_received(self._command, self._path, self._version)
         http.HTTPChannel.allHeadersReceived(self)
 
+    def _finishRequestBody(self, data: bytes) -> None:
+        # What Twisted >= 23 does; older ones called allContentReceived() first, so a request
+        # finished at once (an early answer, an error page) lost the pipelined request that
+        # arrived in the same read as the end of its body.
+        self._dataBuffer.append(data)
+        self.allContentReceived()
+
     def allContentReceived(self) -> None:
         if self._read_timer is not None:
             if self._read_timer.active():
@@ -588,6 +613,21 @@ class ProxyChannel(http.HTTPChannel):
     def _read_timed_out(self) -> None:
         self._read_timer = None
         self.reject(408)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # One line longer than MAX_LENGTH: LineReceiver would just drop the connection.
+        self.reject(431 if self.requests else 400)
+
+    def checkPersistence(self, request, version: bytes) -> bool:
+        # HTTPChannel splits Connection on spaces only: "close, te" would keep it open.
+        tokens = {t.strip().lower() for v in request.requestHeaders.getRawHeaders(b"connection", ())
+                  for t in v.split(b",")}
+        if version != b"HTTP/1.1":
+            return False
+        if b"close" in tokens:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return True
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         too_big = getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize or \

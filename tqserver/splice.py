@@ -16,12 +16,13 @@ class _Pipe:
         self.client.write(data)
 
     def upstream_done(self) -> None:
+        # Unregister first: a paused producer would keep a closing transport open forever.
+        self.client.unregisterProducer()
         self.client.loseConnection()
         self.done()
 
     def upstream_failed(self, reason, retryable: bool) -> None:
-        self.client.loseConnection()
-        self.done()
+        self.upstream_done()
 
 
 def splice_upgrade(request, conn, rest: bytes, code: int, reason: bytes, headers) -> None:
@@ -38,13 +39,18 @@ def splice_upgrade(request, conn, rest: bytes, code: int, reason: bytes, headers
     def done() -> None:
         if not finished:
             finished.append(True)
-            request.forward.client_gone()
+            forward = request.forward
+            forward.conn = None     # both sides are closed in order here, never reset:
+            forward.client_gone()   # this only does the request accounting
 
     conn.sink = _Pipe(client, done)
     # The channel no longer parses HTTP: client bytes go straight upstream.
     channel.dataReceived = conn.transport.write
 
     def client_lost(reason=protocol.connectionDone) -> None:
+        # The client's last bytes (a WebSocket close frame) may still be in the upstream
+        # send buffer: close after them, do not abort.
+        conn.transport.unregisterProducer()
         conn.transport.loseConnection()
         done()
     channel.connectionLost = client_lost

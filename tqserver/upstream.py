@@ -286,6 +286,9 @@ class UpstreamConnection(protocol.Protocol):
 
     def _release(self) -> None:
         if self._keep_alive and not self.closed and self.sink is None:
+            # The client side may have paused us (slow reader) just before the end: an idle
+            # connection must read, or it never sees its next response nor the worker's FIN.
+            self.transport.resumeProducing()
             self.pool.release(self)
         else:
             self.abort()

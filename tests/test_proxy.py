@@ -20,7 +20,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool
 
 try:

@@ -917,6 +917,20 @@ class ErrorTests(ProxyTestCase):
         self.assertTrue(body.startswith(b"<!DOCTYPE html>"))
 
     @defer.inlineCallbacks
+    def test_chunked_with_content_length_reframed(self):
+        """A worker sending both Transfer-Encoding and Content-Length: chunked wins, and
+        the client never sees the worker's wrong length."""
+        def both(proto, head, rest):
+            proto.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        raw = self.raw_upstream(both)
+        self.start_proxy(FakePool("w", "/", [FakeInstance(raw.port, "w#1")]))
+        data = yield self.raw(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        code, headers, body = parse_response(data)
+        self.assertEqual((code, body), (200, b"abc"))
+        self.assertNotIn(b"content-length", headers)
+
+    @defer.inlineCallbacks
     def test_503_no_instance(self):
         pool = FakePool("secretworker", "/", [])
         pool.error = "instance secretworker#3 exited with status 1 on port 9123"

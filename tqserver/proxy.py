@@ -276,8 +276,13 @@ class Forward(UpstreamSink):
         out = request.responseHeaders
         connection_tokens = [v.strip().lower() for n, vs in headers if n.lower() == b"connection"
                              for v in vs.split(b",")] if code != 101 else []
+        # Transfer-Encoding overrides Content-Length (RFC 9112 6.3): the body is relayed
+        # de-chunked, so the worker's length would misframe it for the client.
+        framed_by_te = any(n.lower() == b"transfer-encoding" for n, _ in headers)
         for name, value in headers:
             lname = name.lower()
+            if lname == b"content-length" and framed_by_te:
+                continue
             if lname in HOP_BY_HOP or lname in connection_tokens:
                 if not (code == 101 and lname in (b"upgrade", b"connection")):
                     continue

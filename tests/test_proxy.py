@@ -971,7 +971,9 @@ class ErrorTests(ProxyTestCase):
     @defer.inlineCallbacks
     def test_504_worker_write_timeout(self):
         up = self.upstream("w")
-        config = WorkerConfig(timeouts=TimeoutsConfig(write_timeout_seconds=0.3))
+        # as loaded from a worker.yaml that sets the key (positions record what was set)
+        config = WorkerConfig(timeouts=TimeoutsConfig(write_timeout_seconds=0.3),
+                              positions={"timeouts.write_timeout_seconds": (2, 26)})
         self.start_proxy(FakePool("w", "/", [FakeInstance(up.port, "w#1")], config=config))
         response = yield self.get("/hang")
         self.assertEqual(response.code, 504)

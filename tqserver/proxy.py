@@ -248,8 +248,11 @@ class Forward(UpstreamSink):
             self.timeout_call = self.front.reactor.callLater(self._write_timeout(), self._timed_out)
 
     def _write_timeout(self) -> float:
-        worker = self.pool.spec.config.timeouts.write_timeout_seconds
-        return worker if worker != 30 else self.cfg.server.write_timeout_seconds
+        """worker.yaml's timeouts.write_timeout_seconds when it sets one, else the server's."""
+        config = self.pool.spec.config
+        if "timeouts.write_timeout_seconds" in config.positions:
+            return config.timeouts.write_timeout_seconds
+        return self.cfg.server.write_timeout_seconds
 
     def _timed_out(self) -> None:
         self.timeout_call = None

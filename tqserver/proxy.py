@@ -258,11 +258,7 @@ class Forward(UpstreamSink):
         self.timeout_call = None
         if self.response_started or self.done:
             return
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abort()
-        self._finish_instance()
-        self._end()
+        self._abandon()
         send_error(self.request, 504, f"Worker '{self.pool.name}' did not answer in time.")
 
     # -- response side (UpstreamSink) ------------------------------------------------
@@ -379,8 +375,11 @@ class Forward(UpstreamSink):
 
     def client_gone(self) -> None:
         """The client disconnected: cancel the upstream request."""
-        if self.done:
-            return
+        if not self.done:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Drop the upstream request (its connection is reset, never reused)."""
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.abort()

@@ -350,22 +350,12 @@ class _ChunkedInput(_Input):
         return data
 
     def read(self, size: int = -1) -> bytes:
-        if size is None:
-            size = -1
-        self._continue()
-        out = []
-        got = 0
-        while not self._done and (size < 0 or got < size):
-            if self._left == 0:
-                self._next_chunk()
-                continue
-            want = self._left if size < 0 else min(self._left, size - got)
-            data = self._read_data(want, False)
-            out.append(data)
-            got += len(data)
-        return b"".join(out)
+        return self._read(size, line=False)
 
     def readline(self, size: int = -1) -> bytes:
+        return self._read(size, line=True)
+
+    def _read(self, size, line: bool) -> bytes:
         if size is None:
             size = -1
         self._continue()
@@ -376,10 +366,10 @@ class _ChunkedInput(_Input):
                 self._next_chunk()
                 continue
             want = self._left if size < 0 else min(self._left, size - got)
-            data = self._read_data(want, True)
+            data = self._read_data(want, line)
             out.append(data)
             got += len(data)
-            if data.endswith(b"\n"):
+            if line and data.endswith(b"\n"):
                 break
         return b"".join(out)
 

@@ -212,13 +212,18 @@ class CrashTests(PoolTestBase):
 
 
 class HealthReplacementTests(PoolTestBase):
-    def test_consecutive_failures_replace_instance(self) -> None:
+    def start_checked(self):
+        """A healthy instance under a HealthChecker probing every second."""
         self.settings = attrs.evolve(self.settings, health_check_interval_ms=1000)
         inst = self.start_healthy()
         checker = HealthChecker(self.reactor, lambda: [self.pool], self.probe,
                                 lambda: self.settings)
         checker.startService()
         self.addCleanup(checker.stopService)
+        return inst
+
+    def test_consecutive_failures_replace_instance(self) -> None:
+        inst = self.start_checked()
         self.probe.answers[inst.port] = False
         self.reactor.advance(1)
         self.reactor.advance(1)
@@ -232,12 +237,7 @@ class HealthReplacementTests(PoolTestBase):
         self.assertEqual(self.pool.restarts["health"], 1)
 
     def test_success_resets_failures(self) -> None:
-        self.settings = attrs.evolve(self.settings, health_check_interval_ms=1000)
-        inst = self.start_healthy()
-        checker = HealthChecker(self.reactor, lambda: [self.pool], self.probe,
-                                lambda: self.settings)
-        checker.startService()
-        self.addCleanup(checker.stopService)
+        inst = self.start_checked()
         self.probe.answers[inst.port] = False
         self.reactor.advance(1)
         self.probe.answers[inst.port] = True

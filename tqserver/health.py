@@ -107,6 +107,7 @@ class HealthChecker(Service):
                 if inst.health_failures:
                     log.info("{id} is healthy again", id=inst.id)
                 inst.health_failures = 0
+                pool.check_memory(inst)
                 return
             inst.health_failures += 1
             log.warn("{id}: health check failed ({n}/{limit})", id=inst.id,

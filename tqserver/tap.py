@@ -22,7 +22,7 @@ from .logs import ServerLogObserver, resolve_template
 from .proxy import Front, ProxySite
 from .reserved import Reserved
 from .supervisor import Supervisor
-from .watch import HangupReload
+from .watch import DevWatcher, HangupReload
 
 log = Logger()
 access_log = Logger(namespace="tqserver.access")
@@ -222,11 +222,19 @@ def makeService(options: Options):
                             public_url=_public_url(options["listen"], config))
     supervisor.setServiceParent(top)
     HangupReload(reactor, supervisor.reload).setServiceParent(top)
+    if options["mode"] == "dev":
+        DevWatcher(reactor, supervisor, supervisor.apply_changes).setServiceParent(top)
     front = Front(supervisor, reactor)
     front.reserved = Reserved(supervisor)
     supervisor.front = front
     site = ProxySite(front, timeout=config.server.idle_timeout_seconds,
                      log_access=AccessLog(supervisor, reactor))
+
+    def apply_server_config(new: ServerConfig) -> None:
+        """What a reloaded server.yaml changes outside the supervisor."""
+        observer.set_file(resolve_template(new.server.log_file, root))
+        site.timeout = new.server.idle_timeout_seconds   # for new connections
+    supervisor.config_listeners.append(apply_server_config)
     for description in options["listen"]:
         endpoint = endpoints.serverFromString(reactor, description)
         service = StreamServerEndpointService(endpoint, site)

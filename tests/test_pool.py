@@ -295,3 +295,38 @@ class ProblemTests(PoolTestBase):
         self.assertEqual(env["WORKER_PORT"], "9000")
         self.assertEqual(env["WORKER_NAME"], "api")
         self.assertEqual(env["TQSERVER_ROOT"], self.pool.ctx.root)
+
+
+class RecycleTests(PoolTestBase):
+    def test_max_requests_recycles_by_swap(self) -> None:
+        self.pool.spec = attrs.evolve(self.spec, config=attrs.evolve(self.spec.config,
+                                                                     max_requests=10))
+        inst = self.start_healthy()
+        self.assertTrue(10 <= inst.recycle_after <= 11)      # jitter: up to +10%
+        for _ in range(inst.recycle_after):
+            inst.request_started()
+            inst.request_finished()
+        self.reactor.advance(0.1)
+        self.assertIsNot(self.pool.serving[0], inst)
+        self.assertEqual(self.pool.restarts["max_requests"], 1)
+
+    def test_memory_limit_recycles(self) -> None:
+        from tqserver import pool as pool_module
+        self.pool.spec = attrs.evolve(self.spec, config=attrs.evolve(
+            self.spec.config, memory_limit=100 * 2**20))
+        inst = self.start_healthy()
+        self.patch(pool_module, "tree_rss", lambda pid: 50 * 2**20)
+        self.pool.check_memory(inst)
+        self.assertIs(self.pool.serving[0], inst)
+        self.patch(pool_module, "tree_rss", lambda pid: 150 * 2**20)
+        self.pool.check_memory(inst)
+        self.reactor.advance(0.1)
+        self.assertIsNot(self.pool.serving[0], inst)
+        self.assertEqual(self.pool.restarts["memory"], 1)
+
+    def test_jitter(self) -> None:
+        from tqserver.pool import jitter
+        self.assertEqual(jitter(0), 0)
+        values = {jitter(1000) for _ in range(200)}
+        self.assertTrue(all(1000 <= v <= 1100 for v in values))
+        self.assertGreater(len(values), 1)

@@ -341,6 +341,8 @@ class Forward(UpstreamSink):
             return
         if request.producer is not None:
             request.unregisterProducer()
+        if self.live_reload:
+            request.write(self.front.live_reload_snippet(self.pool.name))
         request.finish_when_read()
 
     def upstream_failed(self, reason: Failure, retryable: bool) -> None:

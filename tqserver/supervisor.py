@@ -183,6 +183,8 @@ class Supervisor(MultiService):
     def apply_changes(self, changes) -> None:
         """Dev mode: act on a debounced batch of classified file changes (watch.Change)."""
         kinds = {c.kind for c in changes}
+        log.debug("file changes: {changes}", changes=sorted(
+            f"{c.kind}:{c.worker}" if c.worker else c.kind for c in changes))
         if "server_config" in kinds:
             log.info("{path} changed: applying it", path=self.config_path)
             self.reload_config()

@@ -12,6 +12,11 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import filepath
 
+try:
+    from twisted.internet import inotify
+except ImportError:          # not Linux
+    inotify = None
+
 log = Logger()
 
 # Files editors write next to the real one and remove again: never a change by themselves.
@@ -108,6 +113,26 @@ class Debouncer:
         self.pending = set()
 
 
+if inotify is not None:
+    class TreeINotify(inotify.INotify):
+        """Twisted's INotify closes itself as soon as any watched directory is deleted
+        (IN_DELETE_SELF, which the kernel always sends). A watched tree whose directories
+        come and go must keep going: only an explicit loseConnection() closes it."""
+
+        _reading = False
+
+        def _doRead(self, in_):
+            self._reading = True
+            try:
+                inotify.INotify._doRead(self, in_)
+            finally:
+                self._reading = False
+
+        def loseConnection(self):
+            if not self._reading:
+                inotify.INotify.loseConnection(self)
+
+
 class DevWatcher(Service):
     """inotify on workers/ (recursively, new directories included) and on the directory of
     server.yaml; changes are classified, debounced and passed to ``apply``."""
@@ -123,18 +148,15 @@ class DevWatcher(Service):
 
     def startService(self) -> None:
         Service.startService(self)
-        try:
-            from twisted.internet import inotify
-        except ImportError:
+        if inotify is None:
             log.warn("inotify is not available here: dev mode will not see file changes "
                      "(use kill -HUP to reload)")
             return
-        notifier = inotify.INotify(self.reactor)
+        notifier = TreeINotify(self.reactor)
         notifier.startReading()
         self._notifier = notifier
         mask = (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
-                | inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_ATTRIB
-                | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF)
+                | inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_ATTRIB)
         workers_dir = self.supervisor.workers_dir
         os.makedirs(workers_dir, exist_ok=True)
         notifier.watch(filepath.FilePath(workers_dir), mask=mask, autoAdd=True,
@@ -154,7 +176,7 @@ class DevWatcher(Service):
     def _event(self, _watch, path: filepath.FilePath, mask: int) -> None:
         sup = self.supervisor
         worker_dirs = {name: pool.spec.directory for name, pool in sup.pools.items()}
-        change = classify(path.path, sup.workers_dir, sup.config_path, worker_dirs,
+        change = classify(os.fsdecode(path.path), sup.workers_dir, sup.config_path, worker_dirs,
                           sup.config.file_watcher.ignore)
         if change is not None:
             self.debouncer.add(change)

@@ -486,3 +486,43 @@ class EventStream:
     def close(self):
         if self.proto is not None:
             self.proto.transport.loseConnection()
+
+
+class HangupOnlyChangedTests(IntegrationBase):
+    def test_sighup_redoes_only_changed_workers(self):
+        return d(self._only_changed())
+
+    async def _only_changed(self):
+        project = self.make_project()
+        for name in ("a", "b"):
+            project.write(f"workers/{name}/src/main.py", PY_WORKER)
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["a", "b"], timeout=60)
+
+        async def pids():
+            code, status = await client.get_json(project.url + "/_tqserver/api/status")
+            return {n: [i["pid"] for i in w["instances"]] for n, w in status["workers"].items()}
+        before = await pids()
+        proc.transport.signalProcess("HUP")          # nothing changed: nothing restarts
+        await wait_until(lambda: _true_after(0.5), 5, "a moment")
+        self.assertEqual(await pids(), before)
+        self.assertIn("reload: nothing changed", proc.text)
+
+        main = os.path.join(project.root, "workers", "a", "src", "main.py")
+        with open(main, "w") as f:
+            f.write(PY_WORKER.replace('"python %s', '"a2 %s'))
+        proc.transport.signalProcess("HUP")
+
+        async def swapped():
+            response, body = await client.get(project.url + "/a/x")
+            now = await pids()
+            return body.startswith(b"a2") and len(now["a"]) == 1 and now["a"] != before["a"]
+        await wait_until(swapped, 30, "worker a swapped", proc)
+        self.assertEqual((await pids())["b"], before["b"])
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
+async def _true_after(seconds: float) -> bool:
+    await sleep(seconds)
+    return True

@@ -310,6 +310,13 @@ class HangupTests(IntegrationBase):
         async def old_gone():
             return old.pid not in [p.pid for p in processes_of(project.root)]
         await wait_until(old_gone, 30, "the old instance to be drained", proc)
+        response, metrics = await client.get(project.url + "/metrics")
+        self.assertEqual(response.code, 200)
+        for line in [b'tqserver_requests_total{code="200",worker="app"}',
+                     b'tqserver_swap_duration_seconds_count{worker="app"} 2.0',
+                     b'tqserver_worker_instances{state="ready",worker="app"} 1.0',
+                     b"process_resident_memory_bytes"]:
+            self.assertIn(line, metrics)
         self.assertEqual(await stop_twistd(proc), 0)
 
 

@@ -69,6 +69,8 @@ class WorkerPool(Service):
         self._log_file: Optional[DatedLogFile] = None
         self._build_d: Optional[defer.Deferred] = None
         self.fingerprint: Optional[Fingerprint] = None
+        self._deploy_started = 0.0
+        self.last_swap_seconds: Optional[float] = None   # deploy start -> new code serving
 
     # -- what the proxy uses ---------------------------------------------------------
     def pick(self) -> Optional[Instance]:
@@ -164,6 +166,8 @@ class WorkerPool(Service):
             "last_build": None if self.last_build is None else {
                 "ok": self.last_build.ok, "duration_seconds": round(self.last_build.duration, 3)},
             "ports": [i.port for i in self.serving],
+            "last_swap_seconds": (None if self.last_swap_seconds is None
+                                  else round(self.last_swap_seconds, 3)),
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -232,6 +236,7 @@ class WorkerPool(Service):
         return result
 
     async def _deploy(self, reason: str, build: bool) -> bool:
+        self._deploy_started = self.ctx.reactor.seconds()
         # Taken before building: an edit made during the build counts as newer.
         before = Fingerprint.take(self.spec, self.runtime)
         if build:
@@ -316,6 +321,7 @@ class WorkerPool(Service):
         kept = [inst for inst in self.serving if inst not in replacing]
         self._set_serving(tuple(kept + new))
         self.error = None
+        self.last_swap_seconds = self.ctx.reactor.seconds() - self._deploy_started
         self.ctx.changed(self, "swap")
         log.info("{worker} now served by {ids} on port {ports} ({reason})", worker=self.name,
                  ids=", ".join(i.id for i in new), ports=", ".join(str(i.port) for i in new),
@@ -399,6 +405,7 @@ class WorkerPool(Service):
         self.restarts[reason] = self.restarts.get(reason, 0) + 1
         self.ctx.changed(self, "restart")
         self.deploying = True
+        self._deploy_started = self.ctx.reactor.seconds()
         d = defer.ensureDeferred(self._rollout(1, [inst], reason))
         d.addErrback(self._deploy_crashed)
         d.addBoth(self._deploy_done)
@@ -442,6 +449,7 @@ class WorkerPool(Service):
                 self.deploy(why, build=False)
                 return
             self.deploying = True
+            self._deploy_started = self.ctx.reactor.seconds()
             d = defer.ensureDeferred(self._rollout(missing, [], why))
             d.addErrback(self._deploy_crashed)
             d.addBoth(self._deploy_done)

@@ -70,7 +70,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"{BANNER}: listening on http://{args.host}:{args.port}", flush=True)
     try:
-        server.serve_forever()
+        server.serve_forever(poll_interval=0.1)   # how soon shutdown() is noticed
     except KeyboardInterrupt:
         pass
     server.server_close()

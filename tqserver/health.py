@@ -9,7 +9,10 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from .process import Instance
 
@@ -24,6 +27,20 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+@implementer(IAgentEndpointFactory)
+class _LoopbackEndpoints:
+    """Plain TCP endpoints for probe URLs (always 127.0.0.1:port). Agent's default
+    HostnameEndpoint resolves names in a thread and, after a refused connection, waits
+    0.3 s before giving up; a starting instance refuses several probes, each of which
+    would add that delay to every swap."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def endpointForURI(self, uri):
+        return TCP4ClientEndpoint(self._reactor, uri.host.decode("ascii"), uri.port, timeout=5)
+
+
 class Prober:
     """GET <health_path> on an instance; True only for a 200 within the timeout."""
 
@@ -31,7 +48,8 @@ class Prober:
         self._reactor = reactor
         # Probes are rare per instance; a fresh connection each time also proves accept() works.
         self._pool = _QuietPool(reactor, persistent=False)
-        self._client = HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=5))
+        agent = Agent.usingEndpointFactory(reactor, _LoopbackEndpoints(reactor), pool=self._pool)
+        self._client = HTTPClient(agent)
 
     def __call__(self, inst: Instance, path: str, timeout: float) -> defer.Deferred:
         return defer.ensureDeferred(self._probe(inst, path, timeout))
@@ -107,6 +125,7 @@ class HealthChecker(Service):
                 if inst.health_failures:
                     log.info("{id} is healthy again", id=inst.id)
                 inst.health_failures = 0
+                pool.check_memory(inst)
                 return
             inst.health_failures += 1
             log.warn("{id}: health check failed ({n}/{limit})", id=inst.id,

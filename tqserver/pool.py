@@ -3,6 +3,7 @@ swap, drain, crash restart with backoff)."""
 from __future__ import annotations
 
 import os
+import random
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import attrs
@@ -12,6 +13,7 @@ from twisted.logger import Logger
 
 from .build import BuildResult, run_build
 from .discovery import WorkerSpec
+from .fingerprint import Fingerprint
 from .logs import DatedLogFile, resolve_template
 from .ports import PortsExhausted
 from .process import Instance
@@ -66,6 +68,9 @@ class WorkerPool(Service):
         self._rr = 0
         self._log_file: Optional[DatedLogFile] = None
         self._build_d: Optional[defer.Deferred] = None
+        self.fingerprint: Optional[Fingerprint] = None
+        self._deploy_started = 0.0
+        self.last_swap_seconds: Optional[float] = None   # deploy start -> new code serving
 
     # -- what the proxy uses ---------------------------------------------------------
     def pick(self) -> Optional[Instance]:
@@ -106,6 +111,26 @@ class WorkerPool(Service):
         return path if os.path.isdir(path) else None
 
     @property
+    def max_requests(self) -> int:
+        config = self.spec.config
+        return config.max_requests or (config.go.max_requests if self.spec.type == "go" else 0)
+
+    def _request_limit(self, inst: Instance) -> None:
+        log.info("{id} served {n} requests: recycling it", id=inst.id, n=inst.requests)
+        self.replace(inst, "max_requests")
+
+    def check_memory(self, inst: Instance) -> None:
+        """Recycle ``inst`` when its process tree uses more than memory_limit (RSS)."""
+        limit = self.spec.config.memory_limit
+        if not limit or inst.state != "ready":
+            return
+        rss = tree_rss(inst.pid)
+        if rss > limit:
+            log.info("{id} uses {mb:.0f} MiB, over memory_limit {limit:.0f} MiB: recycling it",
+                     id=inst.id, mb=rss / 2**20, limit=limit / 2**20)
+            self.replace(inst, "memory")
+
+    @property
     def desired(self) -> int:
         return max(1, self.spec.config.scaling.min_workers)
 
@@ -141,6 +166,8 @@ class WorkerPool(Service):
             "last_build": None if self.last_build is None else {
                 "ok": self.last_build.ok, "duration_seconds": round(self.last_build.duration, 3)},
             "ports": [i.port for i in self.serving],
+            "last_swap_seconds": (None if self.last_swap_seconds is None
+                                  else round(self.last_swap_seconds, 3)),
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -209,11 +236,24 @@ class WorkerPool(Service):
         return result
 
     async def _deploy(self, reason: str, build: bool) -> bool:
+        self._deploy_started = self.ctx.reactor.seconds()
+        # Taken before building: an edit made during the build counts as newer.
+        before = Fingerprint.take(self.spec, self.runtime)
         if build:
             if not await self._build(reason):
                 return False
         old = list(self.serving)
-        return await self._rollout(self.desired, old, reason)
+        swapped = await self._rollout(self.desired, old, reason)
+        if swapped:
+            self.fingerprint = attrs.evolve(
+                before, artifact=Fingerprint.take(self.spec, self.runtime).artifact)
+        return swapped
+
+    def changed_on_disk(self) -> Optional[str]:
+        """What changed since the serving code was deployed (see Fingerprint.difference)."""
+        if self.fingerprint is None:
+            return "sources"
+        return self.fingerprint.difference(Fingerprint.take(self.spec, self.runtime))
 
     async def _build(self, reason: str) -> bool:
         try:
@@ -283,6 +323,7 @@ class WorkerPool(Service):
         kept = [inst for inst in self.serving if inst not in replacing]
         self._set_serving(tuple(kept + new))
         self.error = None
+        self.last_swap_seconds = self.ctx.reactor.seconds() - self._deploy_started
         self.ctx.changed(self, "swap")
         log.info("{worker} now served by {ids} on port {ports} ({reason})", worker=self.name,
                  ids=", ".join(i.id for i in new), ports=", ".join(str(i.port) for i in new),
@@ -305,6 +346,8 @@ class WorkerPool(Service):
             inst = Instance(self.ctx.reactor, self.name, f"{self.name}#{self._counter}", port,
                             argv, self._env(port, self._counter), self._cwd(),
                             self._write_output, on_exit=self._exited)
+            inst.recycle_after = jitter(self.max_requests)
+            inst.on_request_limit = self._request_limit
             inst.start()
         except BaseException:
             self.ctx.ports.release(port)
@@ -364,6 +407,7 @@ class WorkerPool(Service):
         self.restarts[reason] = self.restarts.get(reason, 0) + 1
         self.ctx.changed(self, "restart")
         self.deploying = True
+        self._deploy_started = self.ctx.reactor.seconds()
         d = defer.ensureDeferred(self._rollout(1, [inst], reason))
         d.addErrback(self._deploy_crashed)
         d.addBoth(self._deploy_done)
@@ -407,6 +451,7 @@ class WorkerPool(Service):
                 self.deploy(why, build=False)
                 return
             self.deploying = True
+            self._deploy_started = self.ctx.reactor.seconds()
             d = defer.ensureDeferred(self._rollout(missing, [], why))
             d.addErrback(self._deploy_crashed)
             d.addBoth(self._deploy_done)
@@ -455,3 +500,26 @@ class WorkerPool(Service):
             for line in data.decode("utf-8", "replace").splitlines():
                 log.info("{worker}: {line}", worker=self.name, line=line.split(" ", 1)[-1])
 
+
+def jitter(limit: int, fraction: float = 0.1) -> int:
+    """``limit`` plus up to 10%, so instances started together are not recycled together."""
+    if limit <= 0:
+        return 0
+    return limit + random.randint(0, int(limit * fraction))
+
+
+def tree_rss(pid: Optional[int]) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total

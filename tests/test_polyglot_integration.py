@@ -261,10 +261,16 @@ class BunTests(PolyglotBase):
             return pids and not old & pids and (
                 await self.worker_state(client, project, "api"))["status"] == "healthy"
 
-        # Unchanged package.json: a swap, without bun install.
+        # A source change with package.json unchanged: a swap, without bun install.
         old = {p.pid for p in processes_of(project.root)}
+        source = os.path.join(worker, "index.ts")
+        project.write(source, read(source).replace('"Hello, World!"', '"no install"'))
         proc.transport.signalProcess("HUP")
-        await wait_until(lambda: reload_done(old), 30, "the reload to swap", proc)
+
+        async def swapped():
+            response, body = await client.get(project.url + "/api/bench")
+            return body == b"no install" and await reload_done(old)
+        await wait_until(swapped, 30, "the reload to swap", proc)
         self.assertEqual(os.stat(stamp).st_mtime_ns, installed)
 
         # A new local dependency: the new code can only import it after bun install ran.
@@ -276,9 +282,8 @@ class BunTests(PolyglotBase):
         manifest = json.loads(read(os.path.join(worker, "package.json")))
         manifest["dependencies"] = {"tqserver-test-greeting": "file:./greeting"}
         project.write(os.path.join(worker, "package.json"), json.dumps(manifest))
-        source = os.path.join(worker, "index.ts")
         project.write(source, 'import { greeting } from "tqserver-test-greeting";\n'
-                      + read(source).replace('const benchBody = "Hello, World!"',
+                      + read(source).replace('const benchBody = "no install"',
                                              "const benchBody = greeting"))
         proc.transport.signalProcess("HUP")
 
@@ -334,15 +339,15 @@ class KotlinTests(PolyglotBase):
         self.assertEqual(await stop_twistd(proc), 0)
         self.assertEqual(processes_of(project.root), [])
 
-    def test_dev_compile_error_shows_the_compiler_output(self):
+    def test_dev_compile_error_shows_the_compiler_output_and_old_instance_lives(self):
         return d(self._dev())
 
     async def _dev(self):
         project, proc, client = await self.kotlin_project()
         [running] = processes_of(project.root)
         source = os.path.join(project.root, KOTLIN_SOURCE)
+        # Saved with a compile error: the dev watcher rebuilds it.
         project.write(source, read(source).replace("fun main() {", "fun main() {\n    nope()"))
-        proc.transport.signalProcess("HUP")
 
         async def error_page():
             response, body = await client.get(project.url + "/kotlin/")

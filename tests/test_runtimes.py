@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 from typing import Optional
 
 import attrs
@@ -17,6 +18,7 @@ from tqserver import runtimes
 from tqserver.build import run_build
 from tqserver.config import default_server_config, default_worker_config
 from tqserver.discovery import WorkerSpec
+from tqserver.fingerprint import Fingerprint
 from tqserver.pool import PoolContext, WorkerPool
 from tqserver.ports import PortPool
 from tqserver.runtimes import CannotBuild, ToolchainMissing, buildhelper, runtime_for
@@ -506,3 +508,62 @@ class CommandTests(SpecMixin, unittest.TestCase):
         self.assertEqual(CommandRuntime().build_steps(spec), [])
         spec = self.make_spec("command", command=("./relative-is-checked-at-start",))
         self.assertEqual(CommandRuntime().build_steps(spec), [])
+
+
+class ReloadInputsTests(SpecMixin, unittest.TestCase):
+    """What a prod reload (fingerprint.Fingerprint over build_inputs) counts as a change:
+    the worker's sources, never what its build or its program writes."""
+
+    def setUp(self) -> None:
+        # Later than any directory's own mtime, which counts too.
+        self.later = time.time_ns() + 3600 * 10**9
+        self.patch(runtimes.bun, "find_tool", lambda name, *f: "/bin/true")
+
+    def touch(self, spec: WorkerSpec, rel: str) -> None:
+        self.later += 10**9
+        write(os.path.join(spec.directory, rel), "changed", self.later)
+
+    def test_command_worker_files_are_its_sources(self) -> None:
+        spec = self.make_spec("command", command=("python3", "echo.py"))
+        for rel in ("echo.py", "lib/util.py", "config/worker.yaml", "public/app.css",
+                    "logs/echo.log", "data/db.sqlite", ".git/HEAD"):
+            write(os.path.join(spec.directory, rel))
+        runtime = CommandRuntime()
+        self.assertEqual(runtime.build_inputs(spec), [
+            os.path.join(spec.directory, "echo.py"), os.path.join(spec.directory, "lib")])
+        before = Fingerprint.take(spec, runtime)
+        for rel in ("public/app.css", "logs/echo.log", "data/db.sqlite"):
+            self.touch(spec, rel)
+        self.assertIsNone(before.difference(Fingerprint.take(spec, runtime)))
+        self.touch(spec, "lib/util.py")
+        self.assertEqual(before.difference(Fingerprint.take(spec, runtime)), "sources")
+
+    def test_bun_install_output_is_not_a_source_change(self) -> None:
+        spec = self.make_spec("bun", "api")
+        for rel in ("index.ts", "package.json", "public/app.js"):
+            write(os.path.join(spec.directory, rel))
+        runtime = BunRuntime()
+        before = Fingerprint.take(spec, runtime)
+        for rel in ("node_modules/.tqserver-installed", "node_modules/dep/index.ts",
+                    "public/app.js"):
+            self.touch(spec, rel)
+        self.assertIsNone(before.difference(Fingerprint.take(spec, runtime)))
+        for rel in ("lib/new.ts", "package.json", "bun.lock"):
+            before = Fingerprint.take(spec, runtime)
+            self.touch(spec, rel)
+            self.assertEqual(before.difference(Fingerprint.take(spec, runtime)), "sources", rel)
+
+    def test_kotlin_build_output_is_not_a_source_change(self) -> None:
+        spec = self.make_spec("kotlin", "svc")
+        write(os.path.join(spec.directory, "src", "Main.kt"))
+        runtime = KotlinRuntime()
+        before = Fingerprint.take(spec, runtime)
+        for rel in ("bin/.svc.building.jar", "bin/.svc.jar.inputs", "build/libs/svc.jar",
+                    "target/svc.jar"):
+            self.touch(spec, rel)
+        self.assertIsNone(before.difference(Fingerprint.take(spec, runtime)))
+        self.touch(spec, "src/Main.kt")
+        self.assertEqual(before.difference(Fingerprint.take(spec, runtime)), "sources")
+        before = Fingerprint.take(spec, runtime)
+        self.touch(spec, "bin/svc.jar")           # a jar deployed by rsync: restart it
+        self.assertEqual(before.difference(Fingerprint.take(spec, runtime)), "artifact")

@@ -10,6 +10,11 @@ from ..discovery import WorkerSpec
 from . import BuildStep, CannotBuild, Runtime
 
 
+# Not the program's sources: checked on their own, static, or written while it runs.
+_NOT_INPUTS = {"config", "public", "views", "bin", "logs", "data", "node_modules", "vendor",
+               "__pycache__"}
+
+
 def substitute(text: str, port: int) -> str:
     return text.replace("{port}", str(port))
 
@@ -41,4 +46,12 @@ class CommandRuntime(Runtime):
         return {k: substitute(v, port) for k, v in spec.config.env.items()}
 
     def build_inputs(self, spec: WorkerSpec) -> List[str]:
-        return []
+        """The worker's own files (its program, scripts, data it ships), so a prod reload
+        restarts it when they change; not config/ (its own check), public/ (static) or
+        views/, nor what the program writes."""
+        try:
+            names = os.listdir(spec.directory)
+        except OSError:
+            return []
+        return sorted(os.path.join(spec.directory, n) for n in names
+                      if not n.startswith(".") and n not in _NOT_INPUTS)

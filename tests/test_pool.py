@@ -391,3 +391,59 @@ class BuildTests(PoolTestBase):
         self.reactor.advance(0.1)
         self.assertEqual(len(self.pool.serving), 1)
         self.assertFalse(self.pool.last_build.cancelled)
+
+
+class ScalingTests(PoolTestBase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.pool.spec = attrs.evolve(self.spec, config=attrs.evolve(
+            self.spec.config, scaling=attrs.evolve(self.spec.config.scaling, min_workers=1,
+                                                   max_workers=3, queue_threshold=2,
+                                                   scale_down_delay=60)))
+        self.settings = attrs.evolve(self.settings, health_check_interval_ms=1000)
+
+    def test_scale_up_under_load_and_down_when_idle(self) -> None:
+        first = self.start_healthy()
+        for _ in range(2):
+            first.request_started()
+        self.assertEqual(len(self.reactor.spawned), 1)      # at the threshold: not yet
+        first.request_started()                              # 3 in flight > 2 per instance
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 2)
+        self.assertEqual(self.pool.pick().inflight, 0)       # least outstanding first
+        first.request_started()                              # 4 over 2 instances: fine
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for _ in range(4):
+            first.request_finished()
+        checker = HealthChecker(self.reactor, lambda: [self.pool], self.probe,
+                                lambda: self.settings)
+        checker.startService()
+        self.addCleanup(checker.stopService)
+        self.reactor.advance(30)
+        self.assertEqual(len(self.pool.serving), 2)          # not idle long enough
+        for _ in range(40):
+            self.reactor.advance(1)
+        self.assertEqual(len(self.pool.serving), 1)
+        self.assertEqual(self.pool.status, "healthy")
+
+    def test_never_beyond_max(self) -> None:
+        first = self.start_healthy()
+        for _ in range(50):
+            first.request_started()
+            self.reactor.advance(0.1)
+            for inst in self.pool.serving:
+                if inst is not first:
+                    inst.request_started()
+        self.assertEqual(len(self.pool.serving), 3)
+
+    def test_swap_keeps_the_scale(self) -> None:
+        first = self.start_healthy()
+        for _ in range(3):
+            first.request_started()
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 2)
+        self.pool.deploy("source changed")
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 2)
+        self.assertNotIn(first, self.pool.serving)

@@ -110,8 +110,10 @@ class HealthChecker(Service):
         d.addErrback(lambda f: log.failure("health checker stopped", f))
 
     def check_all(self) -> defer.Deferred:
-        checks = [self._check(pool, inst) for pool in list(self._pools())
-                  for inst in pool.serving]
+        pools = list(self._pools())
+        for pool in pools:
+            pool.maybe_scale_down()
+        checks = [self._check(pool, inst) for pool in pools for inst in pool.serving]
         return defer.gatherResults(checks, consumeErrors=True)
 
     def _check(self, pool, inst: Instance) -> defer.Deferred:

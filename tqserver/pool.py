@@ -71,6 +71,7 @@ class WorkerPool(Service):
         self.fingerprint: Optional[Fingerprint] = None
         self._deploy_started = 0.0
         self.last_swap_seconds: Optional[float] = None   # deploy start -> new code serving
+        self._last_busy = 0.0
 
     # -- what the proxy uses ---------------------------------------------------------
     def pick(self) -> Optional[Instance]:
@@ -129,6 +130,43 @@ class WorkerPool(Service):
             log.info("{id} uses {mb:.0f} MiB, over memory_limit {limit:.0f} MiB: recycling it",
                      id=inst.id, mb=rss / 2**20, limit=limit / 2**20)
             self.replace(inst, "memory")
+
+    # -- autoscaling: min_workers..max_workers ------------------------------------------
+    def _note_load(self) -> None:
+        """On each request start: scale up when in-flight requests per serving instance
+        exceed scaling.queue_threshold (one instance at a time)."""
+        serving = self.serving
+        scaling = self.spec.config.scaling
+        inflight = sum(i.inflight for i in serving)
+        now = self.ctx.reactor.seconds()
+        if inflight > scaling.queue_threshold * (len(serving) - 1):
+            self._last_busy = now     # this load needs every instance we have
+        if (serving and inflight > scaling.queue_threshold * len(serving)
+                and len(serving) < scaling.max_workers and not self.deploying and self.running):
+            log.info("{worker}: {n} requests in flight on {k} instance(s): scaling up",
+                     worker=self.name, n=inflight, k=len(serving))
+            self.deploying = True
+            self._deploy_started = now
+            d = defer.ensureDeferred(self._rollout(1, [], "scale up"))
+            d.addErrback(self._deploy_crashed)
+            d.addBoth(self._deploy_done)
+
+    def maybe_scale_down(self) -> None:
+        """Called periodically: retire one instance once the load has fit in one fewer for
+        scaling.scale_down_delay seconds."""
+        scaling = self.spec.config.scaling
+        serving = self.serving
+        if len(serving) <= self.desired or self.deploying or not self.running:
+            return
+        now = self.ctx.reactor.seconds()
+        if now - self._last_busy < scaling.scale_down_delay:
+            return
+        victim = min(serving, key=lambda inst: inst.inflight)
+        log.info("{worker}: load fits in {k} instance(s): scaling down ({id})",
+                 worker=self.name, k=len(serving) - 1, id=victim.id)
+        self._set_serving(tuple(i for i in serving if i is not victim))
+        self._last_busy = now
+        self._retire(victim)
 
     @property
     def desired(self) -> int:
@@ -243,7 +281,8 @@ class WorkerPool(Service):
             if not await self._build(reason):
                 return False
         old = list(self.serving)
-        swapped = await self._rollout(self.desired, old, reason)
+        # A swap keeps the current scale (autoscaling may have added instances).
+        swapped = await self._rollout(max(self.desired, len(old)), old, reason)
         if swapped:
             self.fingerprint = attrs.evolve(
                 before, artifact=Fingerprint.take(self.spec, self.runtime).artifact)
@@ -348,6 +387,8 @@ class WorkerPool(Service):
                             self._write_output, on_exit=self._exited)
             inst.recycle_after = jitter(self.max_requests)
             inst.on_request_limit = self._request_limit
+            if self.spec.config.scaling.max_workers > self.desired:
+                inst.on_request = self._note_load
             inst.start()
         except BaseException:
             self.ctx.ports.release(port)

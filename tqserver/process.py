@@ -96,6 +96,7 @@ class Instance(ProcessProtocol):
         self.health_failures = 0
         self.recycle_after = 0      # max_requests (with jitter); 0 = never
         self.on_request_limit: Optional[Callable[["Instance"], None]] = None
+        self.on_request: Optional[Callable[[], None]] = None   # autoscaling watches load
         self.started_at: Optional[float] = None
         self.ready_at: Optional[float] = None
         self.exit_code: Optional[int] = None
@@ -152,6 +153,8 @@ class Instance(ProcessProtocol):
     def request_started(self) -> None:
         self.inflight += 1
         self.requests += 1
+        if self.on_request is not None:
+            self.on_request()
 
     def request_finished(self) -> None:
         self.inflight -= 1

@@ -105,11 +105,10 @@ class WorkerPool(Service):
         return self.deploying or self._restart_call is not None
 
     @property
-    def public_dir(self) -> Optional[str]:
-        """The worker's public/ directory, when it has one (checked per request: dev mode
-        may create it at any time)."""
-        path = os.path.join(self.spec.directory, "public")
-        return path if os.path.isdir(path) else None
+    def public_dir(self) -> str:
+        """The worker's public/ directory. It may not exist (dev mode may create it at any
+        time); static.resolve_public_file answers None for paths that do not exist."""
+        return os.path.join(self.spec.directory, "public")
 
     @property
     def max_requests(self) -> int:

@@ -71,10 +71,15 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     # Covers "..", "." and hidden names (.git, .env, .htaccess, .user.ini).
     if any(p.startswith(".") for p in parts):
         return None
-    root = os.path.realpath(public_dir)
-    candidate = os.path.join(root, *parts)
+    # Most requests under a worker's route are not files: one stat answers them before
+    # the realpath() calls (an lstat per path component each) that the safe answer needs.
+    candidate = os.path.join(public_dir, *parts)
     if decoded.endswith("/"):
         candidate = os.path.join(candidate, "index.html")
+    if not os.path.exists(candidate):
+        return None
+    root = os.path.realpath(public_dir)
+    candidate = os.path.join(root, os.path.relpath(candidate, public_dir))
     real = os.path.realpath(candidate)
     prefix = root.rstrip(os.sep) + os.sep
     if not real.startswith(prefix):

@@ -17,7 +17,7 @@ from .fingerprint import Fingerprint
 from .logs import DatedLogFile, resolve_template
 from .ports import PortsExhausted
 from .process import Instance
-from .runtimes import Runtime, ToolchainMissing
+from .runtimes import CannotBuild, Runtime, ToolchainMissing
 
 log = Logger()
 
@@ -296,10 +296,12 @@ class WorkerPool(Service):
     async def _build(self, reason: str) -> bool:
         try:
             steps = self.runtime.build_steps(self.spec)
-        except ToolchainMissing as e:
+        except CannotBuild as e:
+            log.error("{worker}: {error}", worker=self.name, error=str(e))
             self._fail(str(e), build_output=str(e))
             return False
         if not steps:
+            self.build_error = None   # nothing to build (any more): an old error is stale
             return True
         log.info("building {worker} ({reason})", worker=self.name, reason=reason)
         self._build_d = run_build(self.ctx.reactor, steps)
@@ -524,7 +526,7 @@ class WorkerPool(Service):
             "WORKER_HEALTH_PATH": spec.config.health_path,
         })
         env.update(self.runtime.env(spec, port))
-        env.update(spec.config.env)
+        env.update(self.runtime.config_env(spec, port))
         return env
 
     def _write_output(self, data: bytes) -> None:

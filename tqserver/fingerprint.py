@@ -8,7 +8,8 @@ from typing import Iterable, Optional
 
 import attrs
 
-SKIP_DIRS = frozenset(["node_modules", "bin", ".git", "__pycache__", "logs", "data", "vendor"])
+SKIP_DIRS = frozenset(["node_modules", "bin", ".git", "__pycache__", "logs", "data", "vendor",
+                       "build", "target", ".gradle"])
 
 
 def newest_mtime(paths: Iterable[str]) -> int:

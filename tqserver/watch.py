@@ -23,7 +23,8 @@ log = Logger()
 EDITOR_NOISE = ("4913", "*.swp", "*.swx", "*.swo", "*~", ".#*", "#*#", "*.tmp",
                 ".goutputstream-*", "*.kate-swp", "___jb_tmp___", "___jb_old___")
 # Inside a worker: directories whose changes are ours (bin/) or not code.
-NOT_SOURCE = ("bin", "node_modules", "logs", "data", "vendor", ".git", "__pycache__")
+NOT_SOURCE = ("bin", "node_modules", "logs", "data", "vendor", ".git", "__pycache__",
+              "build", "target", ".gradle")   # Gradle's and Maven's own output
 
 
 @attrs.frozen

@@ -567,3 +567,14 @@ class ReloadInputsTests(SpecMixin, unittest.TestCase):
         before = Fingerprint.take(spec, runtime)
         self.touch(spec, "bin/svc.jar")           # a jar deployed by rsync: restart it
         self.assertEqual(before.difference(Fingerprint.take(spec, runtime)), "artifact")
+
+
+class GoBuildEnvTests(unittest.TestCase):
+    def test_dev_builds_skip_symbols_prod_keeps_them(self) -> None:
+        from tqserver.runtimes.go import GoRuntime
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "GOFLAGS"})
+        runtime = GoRuntime()
+        self.assertEqual(runtime.build_env(None, "dev"), {"GOFLAGS": "-ldflags=-s"})
+        self.assertEqual(runtime.build_env(None, "prod"), {})
+        os.environ["GOFLAGS"] = "-mod=vendor"            # the user's own flags win
+        self.assertEqual(runtime.build_env(None, "dev"), {})

@@ -304,7 +304,9 @@ class WorkerPool(Service):
             self.build_error = None   # nothing to build (any more): an old error is stale
             return True
         log.info("building {worker} ({reason})", worker=self.name, reason=reason)
-        self._build_d = run_build(self.ctx.reactor, steps)
+        base_env = dict(os.environ)
+        base_env.update(self.runtime.build_env(self.spec, self.ctx.mode))
+        self._build_d = run_build(self.ctx.reactor, steps, base_env)
         try:
             result: BuildResult = await self._build_d
         except defer.CancelledError:

@@ -50,6 +50,10 @@ class Runtime:
     def run_argv(self, spec: WorkerSpec, port: int) -> List[str]:
         raise NotImplementedError
 
+    def build_env(self, spec: WorkerSpec, mode: str) -> Dict[str, str]:
+        """Extra environment for the build steps in this mode ("dev" | "prod")."""
+        return {}
+
     def env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
         """Runtime-specific environment on top of the worker contract's."""
         return {}

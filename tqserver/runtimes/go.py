@@ -44,6 +44,13 @@ class GoRuntime(Runtime):
             cwd = spec.directory
         return [BuildStep(argv, cwd)]
 
+    def build_env(self, spec: WorkerSpec, mode: str) -> Dict[str, str]:
+        # Dev builds skip the symbol table and DWARF: the link is ~30% faster, and the
+        # edit loop is mostly link time. Panics still show file:line. Prod keeps them.
+        if mode == "dev" and "GOFLAGS" not in os.environ:
+            return {"GOFLAGS": "-ldflags=-s"}
+        return {}
+
     def build_inputs(self, spec: WorkerSpec) -> List[str]:
         d = spec.directory
         return [os.path.join(d, "src"), os.path.join(d, "go.mod"), os.path.join(d, "go.sum")]

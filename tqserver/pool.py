@@ -15,7 +15,7 @@ from .discovery import WorkerSpec
 from .logs import DatedLogFile, resolve_template
 from .ports import PortsExhausted
 from .process import Instance
-from .runtimes import Runtime, ToolchainMissing
+from .runtimes import LaunchError, Runtime
 
 log = Logger()
 
@@ -23,6 +23,13 @@ STABLE_RUN_SECONDS = 10.0    # a run this long resets the crash backoff
 CRASH_LOOP_WINDOW = 60.0     # this many crashes in this window is reported as a crash loop
 CRASH_LOOP_COUNT = 5
 READY_POLL_SECONDS = 0.025   # readiness probe cadence while an instance starts
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 @attrs.define
@@ -218,7 +225,7 @@ class WorkerPool(Service):
     async def _build(self, reason: str) -> bool:
         try:
             steps = self.runtime.build_steps(self.spec)
-        except ToolchainMissing as e:
+        except LaunchError as e:
             self._fail(str(e), build_output=str(e))
             return False
         if not steps:
@@ -258,7 +265,7 @@ class WorkerPool(Service):
         try:
             for _ in range(count):
                 new.append(self._spawn())
-        except (PortsExhausted, ToolchainMissing, OSError) as e:
+        except (PortsExhausted, LaunchError, OSError) as e:
             self._fail(f"cannot start an instance: {e}")
             await self._stop_all(new)
             self._schedule_retry()
@@ -298,14 +305,20 @@ class WorkerPool(Service):
     def _spawn(self) -> Instance:
         self._counter += 1
         port = self.ctx.ports.acquire()
+        instance_id = f"{self.name}#{self._counter}"
+        launch = None
         try:
-            argv = self.runtime.run_argv(self.spec, port)
-            inst = Instance(self.ctx.reactor, self.name, f"{self.name}#{self._counter}", port,
-                            argv, self._env(port, self._counter), self._cwd(),
-                            self._write_output, on_exit=self._exited)
+            launch = self.runtime.launch(self.spec, port, instance_id, self.ctx.root,
+                                         self.ctx.mode)
+            inst = Instance(self.ctx.reactor, self.name, instance_id, port,
+                            launch.argv, self._env(port, self._counter), self._cwd(),
+                            self._write_output, on_exit=self._exited,
+                            probe=self.runtime.probe, files=launch.files)
             inst.start()
         except BaseException:
             self.ctx.ports.release(port)
+            for path in launch.files if launch is not None else ():
+                _remove(path)
             raise
         self.instances.add(inst)
         self.ctx.started(inst)
@@ -326,9 +339,10 @@ class WorkerPool(Service):
             if await self.ctx.probe(inst, self.spec.config.health_path, timeout):
                 return None
             if reactor.seconds() >= deadline:
+                method = "GET" if inst.probe.protocol == "http" else inst.probe.protocol
+                path = inst.probe.path or self.spec.config.health_path
                 return (f"instance {inst.id} not healthy within "
-                        f"{s.startup_timeout_ms} ms (GET {self.spec.config.health_path} "
-                        f"on port {inst.port})")
+                        f"{s.startup_timeout_ms} ms ({method} {path} on port {inst.port})")
             await task.deferLater(reactor, READY_POLL_SECONDS, lambda: None)
 
     def _retire(self, inst: Instance) -> defer.Deferred:

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import attrs
 
 from ..discovery import WorkerSpec
 
 
-class ToolchainMissing(Exception):
+class LaunchError(Exception):
+    """An instance of the worker cannot be started; the message says what to fix."""
+
+
+class ToolchainMissing(LaunchError):
     """The worker's language toolchain is not installed; the message says what to install."""
 
 
@@ -24,10 +28,31 @@ class BuildStep:
     env: Dict[str, str] = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class Probe:
+    """How an instance's health is asked: HTTP GET of the worker's health_path, or a
+    FastCGI request for a fixed path whose answer must carry ``expect``."""
+    protocol: str = "http"                 # "http" | "fastcgi"
+    path: Optional[str] = None             # None: the worker's health_path
+    expect: Optional[bytes] = None         # the body a healthy answer carries (None: any)
+
+
+HTTP_PROBE = Probe()
+
+
+@attrs.frozen
+class Launch:
+    """What starting one instance takes: its argv, and the files generated for it (removed
+    when it exits)."""
+    argv: List[str]
+    files: Tuple[str, ...] = ()
+
+
 class Runtime:
     """Base: a worker type with no build step that runs ``command``."""
 
     type = "command"
+    probe: Probe = HTTP_PROBE
 
     def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
         """Commands that turn sources into something runnable (empty: nothing to build)."""
@@ -35,6 +60,11 @@ class Runtime:
 
     def run_argv(self, spec: WorkerSpec, port: int) -> List[str]:
         raise NotImplementedError
+
+    def launch(self, spec: WorkerSpec, port: int, instance_id: str, root: str,
+               mode: str) -> Launch:
+        """Everything one instance needs on disk and its argv (most runtimes: just argv)."""
+        return Launch(self.run_argv(spec, port))
 
     def env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
         """Runtime-specific environment on top of the worker contract's."""
@@ -66,9 +96,9 @@ def binary_name(spec: WorkerSpec) -> str:
 
 
 def runtime_for(type_: str) -> Runtime:
-    from . import command, go, python
+    from . import command, go, php, python
     registry = {"go": go.GoRuntime(), "python": python.PythonRuntime(),
-                "command": command.CommandRuntime()}
+                "php": php.PhpRuntime(), "command": command.CommandRuntime()}
     try:
         return registry[type_]
     except KeyError:

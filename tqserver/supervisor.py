@@ -74,6 +74,7 @@ class Supervisor(MultiService):
         def cleanup(result):
             if self.front is not None:
                 self.front.upstreams.close_all()
+                self.front.fastcgi.close_all()
             return self.prober.close()
         return d.addBoth(cleanup)
 

@@ -3,6 +3,7 @@ does to a pool) and the CGI side of requests (script mapping, CGI params)."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 
 import attrs
@@ -275,6 +276,51 @@ class InstanceFilesTests(unittest.TestCase):
         self.assertEqual(pool.status, "failed")
         self.assertIn("install php-fpm", pool.error)
         pool.stopService()
+
+
+class RetireTests(unittest.TestCase):
+    """A retired php-fpm is stopped gracefully (SIGQUIT), and only once the proxy has no
+    request in flight on it, however long past the usual grace period that takes."""
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.signals = GroupSignals(self.reactor)
+        self.patch(process, "signal_group", self.signals)
+        self.patch(php_runtime, "find_php_fpm", lambda: "/usr/sbin/php-fpm")
+        root = os.path.abspath(self.mktemp())
+        ctx = PoolContext(reactor=self.reactor, root=root, mode="prod",
+                          ports=PortPool(9000, 9010, is_free=lambda p: True),
+                          settings=lambda: default_server_config().workers,
+                          probe=ScriptedProbe())
+        self.pool = WorkerPool(php_spec(os.path.join(root, "w"), request_timeout=20),
+                               PhpRuntime(), ctx)
+        self.pool.startService()
+        self.reactor.advance(0.2)
+        [self.old] = self.pool.serving
+        self.old.request_started()
+        self.pool.deploy("SIGHUP")
+        self.reactor.advance(0.2)
+        self.assertNotIn(self.old, self.pool.serving)
+
+    def advance(self, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            self.reactor.advance(0.1)
+
+    def test_waits_for_in_flight_requests(self):
+        self.advance(5.0)                             # far past shutdown_grace_period_ms
+        self.assertEqual(self.signals.sent, [])
+        self.old.request_finished()
+        self.assertEqual(self.signals.sent, [(self.old.pid, signal.SIGQUIT)])
+
+    def test_until_the_request_timeout(self):
+        self.advance(19.5)
+        self.assertEqual(self.signals.sent, [])
+        self.advance(1.0)
+        self.assertEqual(self.signals.sent, [(self.old.pid, signal.SIGQUIT)])
+
+    def tearDown(self):
+        self.pool.stopService()
+        self.reactor.advance(10)
 
 
 # -- the CGI side ------------------------------------------------------------------------

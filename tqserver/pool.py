@@ -226,6 +226,7 @@ class WorkerPool(Service):
         try:
             steps = self.runtime.build_steps(self.spec)
         except LaunchError as e:
+            log.error("{worker} cannot start: {error}", worker=self.name, error=str(e))
             self._fail(str(e), build_output=str(e))
             return False
         if not steps:
@@ -313,7 +314,8 @@ class WorkerPool(Service):
             inst = Instance(self.ctx.reactor, self.name, instance_id, port,
                             launch.argv, self._env(port, self._counter), self._cwd(),
                             self._write_output, on_exit=self._exited,
-                            probe=self.runtime.probe, files=launch.files)
+                            probe=self.runtime.probe, files=launch.files,
+                            stop_signal=self.runtime.stop_signal)
             inst.start()
         except BaseException:
             self.ctx.ports.release(port)
@@ -354,7 +356,8 @@ class WorkerPool(Service):
         async def drain() -> None:
             await task.deferLater(reactor, s.restart_delay_ms / 1000.0, lambda: None)
             if inst.inflight:
-                grace = task.deferLater(reactor, s.shutdown_grace_period_ms / 1000.0, lambda: None)
+                grace = task.deferLater(reactor, self.runtime.drain_seconds(self.spec, s),
+                                        lambda: None)
                 idle = inst.idle()
                 await defer.DeferredList([grace, idle], fireOnOneCallback=True,
                                          consumeErrors=True)

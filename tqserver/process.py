@@ -84,7 +84,8 @@ class Instance(ProcessProtocol):
                  argv: List[str], env: Dict[str, str], cwd: str,
                  output: Callable[[bytes], None],
                  on_exit: Optional[Callable[["Instance", Failure], None]] = None,
-                 probe: Probe = HTTP_PROBE, files: Sequence[str] = ()) -> None:
+                 probe: Probe = HTTP_PROBE, files: Sequence[str] = (),
+                 stop_signal: int = signal.SIGTERM) -> None:
         self.reactor = reactor
         self.worker = worker
         self.id = instance_id
@@ -94,6 +95,7 @@ class Instance(ProcessProtocol):
         self.cwd = cwd
         self.on_exit = on_exit
         self.probe = probe
+        self.stop_signal = stop_signal
         self.files = tuple(files)   # generated for this instance (a php-fpm config...)
         self.state = "new"          # new -> starting -> ready -> draining -> stopping -> exited
         self.inflight = 0
@@ -134,13 +136,14 @@ class Instance(ProcessProtocol):
         return d
 
     def stop(self, kill_timeout: float) -> defer.Deferred:
-        """SIGTERM the process group, SIGKILL it after ``kill_timeout`` seconds; fires on exit."""
+        """SIGTERM (or the runtime's graceful stop signal) to the process group, SIGKILL
+        after ``kill_timeout`` seconds; fires on exit."""
         if self.state == "exited":
             return defer.succeed(self)
         self.stopping = True
         self.state = "stopping"
         if self._kill_call is None:
-            signal_group(self.pid, signal.SIGTERM)
+            signal_group(self.pid, self.stop_signal)
             self._kill_call = self.reactor.callLater(kill_timeout, self.kill)
         return self.ended()
 

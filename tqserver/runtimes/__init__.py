@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from typing import Dict, List, Optional, Tuple
 
 import attrs
@@ -53,6 +54,7 @@ class Runtime:
 
     type = "command"
     probe: Probe = HTTP_PROBE
+    stop_signal: int = signal.SIGTERM   # the worker contract: finish in-flight requests, exit
 
     def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
         """Commands that turn sources into something runnable (empty: nothing to build)."""
@@ -65,6 +67,11 @@ class Runtime:
                mode: str) -> Launch:
         """Everything one instance needs on disk and its argv (most runtimes: just argv)."""
         return Launch(self.run_argv(spec, port))
+
+    def drain_seconds(self, spec: WorkerSpec, settings) -> float:
+        """How long a retired instance may take to finish the requests the proxy still has
+        in flight on it, before it is sent ``stop_signal``."""
+        return settings.shutdown_grace_period_ms / 1000.0
 
     def env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
         """Runtime-specific environment on top of the worker contract's."""

@@ -10,6 +10,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 from typing import Dict, List, Optional, Tuple
 
 from ..discovery import WorkerSpec
@@ -130,6 +131,16 @@ def _running_as_root() -> Optional[Tuple[str, str]]:
 class PhpRuntime(Runtime):
     type = "php"
     probe = Probe("fastcgi", PING_PATH, PING_RESPONSE.encode())
+    # php-fpm's graceful stop (SIGTERM stops it at once): children finish their request.
+    stop_signal = signal.SIGQUIT
+
+    def drain_seconds(self, spec: WorkerSpec, settings) -> float:
+        """php-fpm only finishes requests a child has accepted; one still waiting in its
+        listen backlog (a dynamic pool spawns children once a second) would be cut. The
+        proxy counts both, so a retired pool is stopped only once that count is zero, or
+        after php.pool.request_timeout, which bounds any request anyway."""
+        grace = Runtime.drain_seconds(self, spec, settings)
+        return max(grace, float(spec.config.php.pool.request_timeout or 30))
 
     def binary(self, spec: WorkerSpec) -> str:
         configured = spec.config.php.binary

@@ -40,6 +40,9 @@ FILES = {
     "cookies.php": "<?php\nsetcookie('a', '1');\nsetcookie('b', '2', ['httponly' => true]);\n"
                    "header('X-Multi: one');\nheader('X-Multi: two', false);\necho 'cookies';\n",
     "slow.php": "<?php\nusleep((int) ($_GET['ms'] ?? 100) * 1000);\necho 'slow';\n",
+    "stream.php": "<?php\nwhile (ob_get_level()) { ob_end_flush(); }\necho 'started... ';\n"
+                  "flush();\nusleep((int) $_GET['ms'] * 1000);\n"
+                  "echo 'done';\n",
     "big.php": "<?php\nheader('Content-Type: application/octet-stream');\n"
                "$n = (int) $_GET['n'];\n$block = str_repeat(hash('sha256', 'tq', true), 2048);\n"
                "while ($n > 0) { $p = substr($block, 0, min($n, strlen($block))); echo $p; "
@@ -65,7 +68,7 @@ class PhpProxyTestCase(ProxyTestCase):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 f.write(text)
-        self.fpm = PhpFpm(php_spec(self.worker_dir, max_workers=3), self.root)
+        self.fpm = PhpFpm(php_spec(self.worker_dir, max_workers=6, start_workers=6), self.root)
         self.addCleanup(lambda: defer.ensureDeferred(self.fpm.stop()))
         yield defer.ensureDeferred(self.fpm.start())
         self.inst = FakeInstance(self.fpm.port, "blog#1")
@@ -256,6 +259,26 @@ class ErrorTests(PhpProxyTestCase):
         self.assertEqual(self.inst.inflight, 0)
         data = yield self.info("/blog/info.php")      # the pool still works
         self.assertEqual(data["script"], "info.php")
+
+    @defer.inlineCallbacks
+    def test_waiting_for_a_busy_pool_is_bounded_by_the_write_timeout(self):
+        """Every connection the proxy may hold (max_workers - 1 = 4) is busy: the fifth
+        request waits for one, up to the write timeout (504); the busy four complete."""
+        self.server_config(write_timeout_seconds=1.0)
+        self.supervisor.config = self.config
+        slow = [self.get("/blog/stream.php?ms=2500") for _ in range(4)]
+        yield wait_until(lambda: self.front.fastcgi.open_count(self.fpm.port) == 4,
+                         what="four connections in use")
+        started = reactor.seconds()
+        response = yield self.get("/blog/info.php")
+        self.assertEqual(response.code, 504)
+        self.assertIn(b"stayed busy", (yield response.content()))
+        self.assertLess(reactor.seconds() - started, 2.0)
+        self.assertEqual(self.front.fastcgi.open_count(self.fpm.port), 4)
+        for d in slow:
+            response = yield d
+            self.assertEqual((yield response.content()), b"started... done")
+        self.assertEqual(self.inst.inflight, 0)
 
     @defer.inlineCallbacks
     def test_child_dying_mid_request_is_502(self):

@@ -71,7 +71,19 @@ class FastCGIForward(Forward):
 
     def _acquire(self, inst) -> defer.Deferred:
         limit, keep_conn = connection_limit(self.pool.spec.config.php.pool)
-        return self.front.fastcgi.acquire(inst.port, limit, keep_conn)
+        d = self.front.fastcgi.acquire(inst.port, limit, keep_conn)
+        # Waiting for a connection while every one is busy counts as waiting for an answer.
+        return d.addTimeout(self._write_timeout(), self.front.reactor)
+
+    def _connect_failed(self, failure) -> None:
+        if self.done or not failure.check(defer.TimeoutError):
+            Forward._connect_failed(self, failure)
+            return
+        inst, self.instance = self.instance, None
+        inst.request_finished()
+        self._end()
+        send_error(self.request, 504, f"Worker '{self.pool.name}' did not answer in time: "
+                                      "every connection to it stayed busy.")
 
     def _give_back(self, conn) -> None:
         self.front.fastcgi.release(conn)

@@ -272,7 +272,8 @@ class ConnectionTests(unittest.TestCase):
         recs = self.sent()
         self.assertEqual([r[0] for r in recs], [BEGIN_REQUEST, PARAMS, PARAMS, STDIN])
         self.assertEqual(recs[0][2], b"\x00\x01\x01\x00\x00\x00\x00\x00")  # responder, keep-conn
-        self.assertEqual(decode_pairs(recs[1][2]), [(b"REQUEST_METHOD", b"GET"), (b"X", b"y" * 200)])
+        self.assertEqual(decode_pairs(recs[1][2]),
+                         [(b"REQUEST_METHOD", b"GET"), (b"X", b"y" * 200)])
         self.assertEqual((recs[2][2], recs[3][2]), (b"", b""))
         self.assertEqual({r[1] for r in recs}, {1})
 
@@ -297,7 +298,8 @@ class ConnectionTests(unittest.TestCase):
         conn = self.connect()
         sink = Sink()
         conn.send(encode_params([]), sink, False, False)
-        data = (record(STDERR, b"PHP message: hi\n") + record(STDOUT, b"Status: 201 Created\r\nSet-")
+        data = (record(STDERR, b"PHP message: hi\n")
+                + record(STDOUT, b"Status: 201 Created\r\nSet-")
                 + record(STDOUT, b"Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nfirst ")
                 + record(STDOUT, b"second") + record(STDOUT) + end_request())
         for i in range(0, len(data), 3):
@@ -523,7 +525,11 @@ BIG_PHP = b"""<?php
 header('Content-Type: application/octet-stream');
 $n = (int) $_GET['n'];
 $block = str_repeat(hash('sha256', 'tq', true), 2048);
-while ($n > 0) { $piece = substr($block, 0, min($n, strlen($block))); echo $piece; $n -= strlen($piece); }
+while ($n > 0) {
+    $piece = substr($block, 0, min($n, strlen($block)));
+    echo $piece;
+    $n -= strlen($piece);
+}
 """
 STDERR_PHP = b"""<?php
 error_log('hello from the log sink test');

@@ -109,7 +109,8 @@ class RoutingTests(PhpProxyTestCase):
         server = data["server"]
         self.assertEqual(data["script"], "info.php")
         self.assertEqual(server["SCRIPT_NAME"], "/blog/info.php")
-        self.assertEqual(server["SCRIPT_FILENAME"], os.path.realpath(os.path.join(self.public, "info.php")))
+        self.assertEqual(server["SCRIPT_FILENAME"],
+                         os.path.realpath(os.path.join(self.public, "info.php")))
         self.assertEqual(server["PATH_INFO"], "/extra/bits")
         self.assertEqual(server["PATH_TRANSLATED"], os.path.realpath(self.public) + "/extra/bits")
         self.assertEqual(server["PHP_SELF"], "/blog/info.php/extra/bits")
@@ -190,7 +191,8 @@ class RoutingTests(PhpProxyTestCase):
         self.assertEqual(response.code, 302)
         self.assertEqual(response.headers.getRawHeaders("location"), ["/blog/info.php"])
         yield response.content()
-        raw = yield self.raw(b"HEAD /blog/info.php HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        raw = yield self.raw(b"HEAD /blog/info.php HTTP/1.1\r\nHost: h\r\n"
+                             b"Connection: close\r\n\r\n")
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
         self.assertEqual(body, b"")

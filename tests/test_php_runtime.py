@@ -216,7 +216,8 @@ class LaunchTests(unittest.TestCase):
         launch = PhpRuntime().launch(self.spec, 9200, "api/v1#3", self.root, "dev")
         conf = os.path.join(self.root, "run", "php", "api_v1-3.conf")
         self.assertEqual(launch.argv[:5], [self.fpm, "-F", "-O", "-y", conf])
-        self.assertEqual(launch.files, (conf, os.path.join(self.root, "run", "php", "api_v1-3.pid")))
+        pid = os.path.join(self.root, "run", "php", "api_v1-3.pid")
+        self.assertEqual(launch.files, (conf, pid))
         with open(conf) as f:
             self.assertIn("listen = 127.0.0.1:9200", f.read())
         self.assertEqual("-R" in launch.argv, os.geteuid() == 0)
@@ -351,22 +352,26 @@ class ResolveScriptTests(unittest.TestCase):
     def resolve(self, path: bytes):
         return resolve_script(self.public, path)
 
+    def script(self, filename: str, name: str, path_info: str) -> Script:
+        return Script(filename, name, path_info, self.public)
+
     def test_root_and_directories_run_their_index(self):
-        self.assertEqual(self.resolve(b"/"), Script(self.index, "/index.php", ""))
-        self.assertEqual(self.resolve(b"/admin/"), Script(self.admin, "/admin/index.php", ""))
+        self.assertEqual(self.resolve(b"/"), self.script(self.index, "/index.php", ""))
+        self.assertEqual(self.resolve(b"/admin/"), self.script(self.admin, "/admin/index.php", ""))
 
     def test_a_script_and_its_path_info(self):
-        self.assertEqual(self.resolve(b"/x.php"), Script(self.x, "/x.php", ""))
-        self.assertEqual(self.resolve(b"/x.php/extra/more"), Script(self.x, "/x.php", "/extra/more"))
-        self.assertEqual(self.resolve(b"/x.php/"), Script(self.x, "/x.php", "/"))
-        self.assertEqual(self.resolve(b"/x%2Ephp/a%20b"), Script(self.x, "/x.php", "/a b"))
+        self.assertEqual(self.resolve(b"/x.php"), self.script(self.x, "/x.php", ""))
+        self.assertEqual(self.resolve(b"/x.php/extra/more"),
+                         self.script(self.x, "/x.php", "/extra/more"))
+        self.assertEqual(self.resolve(b"/x.php/"), self.script(self.x, "/x.php", "/"))
+        self.assertEqual(self.resolve(b"/x%2Ephp/a%20b"), self.script(self.x, "/x.php", "/a b"))
 
     def test_front_controller(self):
         for path, info in ((b"/posts/1", "/posts/1"), (b"/admin", "/admin"),
                            (b"/missing.php", "/missing.php"), (b"/nope/", "/nope/"),
                            (b"/.hidden/secret.php", "/.hidden/secret.php"),
                            (b"/upper.PHP", "/upper.PHP"), (b"/dir.php/x", "/dir.php/x")):
-            self.assertEqual(self.resolve(path), Script(self.index, "/index.php", info), path)
+            self.assertEqual(self.resolve(path), self.script(self.index, "/index.php", info), path)
 
     def test_never_outside_public(self):
         self.assertEqual(self.resolve(b"/link.php").filename, self.index)   # front controller
@@ -404,9 +409,10 @@ class FakeRequest:
 class CGIParamsTests(unittest.TestCase):
     SKIP = frozenset([b"connection", b"proxy", b"x-forwarded-for", b"keep-alive"])
 
-    def params(self, request, script=Script("/srv/public/x.php", "/x.php", "/extra"),
-               route="/blog", forwarded=()):
-        return dict(cgi_params(request, script, route, "/srv/public", forwarded, self.SKIP))
+    X = Script("/srv/public/x.php", "/x.php", "/extra", "/srv/public")
+
+    def params(self, request, script=X, route="/blog", forwarded=()):
+        return dict(cgi_params(request, script, route, forwarded, self.SKIP))
 
     def test_cgi_variables(self):
         p = self.params(FakeRequest(headers=[(b"Host", b"shop.example:8080")]))
@@ -430,8 +436,8 @@ class CGIParamsTests(unittest.TestCase):
         self.assertNotIn(b"CONTENT_LENGTH", p)
 
     def test_root_route_and_no_path_info(self):
-        p = self.params(FakeRequest(uri=b"/"), Script("/srv/public/index.php", "/index.php", ""),
-                        route="/")
+        index = Script("/srv/public/index.php", "/index.php", "", "/srv/public")
+        p = self.params(FakeRequest(uri=b"/"), index, route="/")
         self.assertEqual(p[b"SCRIPT_NAME"], b"/index.php")
         self.assertEqual(p[b"PATH_INFO"], b"")
         self.assertNotIn(b"PATH_TRANSLATED", p)

@@ -24,6 +24,7 @@ class Script:
     filename: str     # the .php file's real path (SCRIPT_FILENAME)
     name: str         # its URL path below the route: "/x.php", "/admin/index.php"
     path_info: str    # the decoded rest of the URL after it ("" when none)
+    root: str = ""    # public/'s real path (DOCUMENT_ROOT)
 
 
 def resolve_script(public_dir: str, subpath: bytes) -> Optional[Script]:
@@ -47,15 +48,15 @@ def resolve_script(public_dir: str, subpath: bytes) -> Optional[Script]:
         if match.group().endswith(".php"):
             found = _script_file(root, segments)
             if found is not None:
-                return Script(found, "/" + "/".join(segments), decoded[match.end():])
+                return Script(found, "/" + "/".join(segments), decoded[match.end():], root)
     if decoded.endswith("/") or not segments:
         found = _script_file(root, segments + [INDEX])
         if found is not None:
-            return Script(found, "/" + "/".join(segments + [INDEX]), "")
+            return Script(found, "/" + "/".join(segments + [INDEX]), "", root)
     found = _script_file(root, [INDEX])
     if found is None:
         return None
-    return Script(found, "/" + INDEX, decoded)
+    return Script(found, "/" + INDEX, decoded, root)
 
 
 def _script_file(root: str, segments: List[str]) -> Optional[str]:
@@ -71,7 +72,7 @@ def _header_key(name: bytes) -> bytes:
     return b"HTTP_" + name.upper().replace(b"-", b"_")
 
 
-def cgi_params(request, script: Script, route: str, document_root: str,
+def cgi_params(request, script: Script, route: str,
                forwarded: Sequence[Tuple[bytes, bytes]], skip: frozenset) -> Params:
     """The FastCGI PARAMS of ``request`` running ``script``.
 
@@ -82,6 +83,7 @@ def cgi_params(request, script: Script, route: str, document_root: str,
     proxy's X-Forwarded-*, X-Request-ID) are added, and HTTP_PROXY never exists
     (httpoxy: the Proxy header is hop-by-hop here)."""
     fs = os.fsencode
+    document_root = script.root
     prefix = "" if route == "/" else route
     path, sep, query = request.uri.partition(b"?")
     uri = request.uri if request.uri[:1] == b"/" else request.path + sep + query

@@ -67,18 +67,25 @@ def encode_records(rtype: int, content: bytes, request_id: int = REQUEST_ID) -> 
     return out
 
 
+_SHORT = [bytes((n,)) for n in range(128)]
+_LONG = struct.Struct("!I")
+
+
 def _length(n: int) -> bytes:
     if n < 128:
-        return bytes((n,))
+        return _SHORT[n]
     if n > MAX_PAIR_LENGTH:
         raise FastCGIError(f"a name or value of {n} bytes is too long for FastCGI")
-    return struct.pack("!I", n | 0x80000000)
+    return _LONG.pack(n | 0x80000000)
+
+
+def encode_pair(name: bytes, value: bytes) -> bytes:
+    """One name-value pair: each length in 1 byte below 128, else in 4 with the top bit set."""
+    return b"".join((_length(len(name)), _length(len(value)), name, value))
 
 
 def encode_pairs(pairs: Pairs) -> bytes:
-    """Name-value pairs: each length in 1 byte below 128, else in 4 with the top bit set."""
-    return b"".join(_length(len(name)) + _length(len(value)) + name + value
-                    for name, value in pairs)
+    return b"".join([encode_pair(name, value) for name, value in pairs])
 
 
 def decode_pairs(data: bytes) -> List[Tuple[bytes, bytes]]:
@@ -113,7 +120,7 @@ def encode_params(pairs: Pairs) -> List[bytes]:
     chunk: List[bytes] = []
     size = 0
     for name, value in pairs:
-        pair = encode_pairs([(name, value)])
+        pair = encode_pair(name, value)
         if len(pair) > MAX_CONTENT:
             raise FastCGIError(f"the CGI param {name[:40]!r} ({len(pair)} bytes) does not fit "
                                "one FastCGI record")

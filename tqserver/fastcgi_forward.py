@@ -8,7 +8,6 @@ backpressure all stay Forward's; this adds the script mapping and the CGI params
 """
 from __future__ import annotations
 
-import os
 
 from twisted.internet import defer
 
@@ -36,8 +35,9 @@ class FastCGIForward(Forward):
             return
         public = self.pool.public_dir
         rest = strip_prefix(self.route, request.path)
-        if public and static.resolve_public_file(public, rest) is not None:
-            # A static file (GET and HEAD were served already): never the front controller.
+        if (request.method not in (b"GET", b"HEAD") and public
+                and static.resolve_public_file(public, rest) is not None):
+            # A static file (GET and HEAD got it already): never the front controller.
             request.setHeader(b"allow", b"GET, HEAD")
             self._refuse(405, "Static files take GET and HEAD only.")
             return
@@ -48,8 +48,8 @@ class FastCGIForward(Forward):
             return
         length = headers.getRawHeaders(b"content-length")
         self.has_body = bool(length) and length[0].strip() not in (b"0", b"")
-        params = cgi_params(request, script, self.route, os.path.realpath(public),
-                            self.forwarded_headers(), self._not_passed())
+        params = cgi_params(request, script, self.route, self.forwarded_headers(),
+                            self._not_passed())
         try:
             self.head = encode_params(params)
         except FastCGIError:

@@ -71,6 +71,8 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     # Covers "..", "." and hidden names (.git, .env, .htaccess, .user.ini).
     if any(p.startswith(".") for p in parts):
         return None
+    if parts and not decoded.endswith("/") and _PHP_RE.search(parts[-1]):
+        return None  # a script: cheap to refuse before resolving symlinks
     root = os.path.realpath(public_dir)
     candidate = os.path.join(root, *parts)
     if decoded.endswith("/"):

@@ -119,16 +119,20 @@ def encode_params(pairs: Pairs) -> List[bytes]:
     out: List[bytes] = []
     chunk: List[bytes] = []
     size = 0
-    for name, value in pairs:
-        pair = encode_pair(name, value)
-        if len(pair) > MAX_CONTENT:
-            raise FastCGIError(f"the CGI param {name[:40]!r} ({len(pair)} bytes) does not fit "
+    short, long_ = _SHORT, _LONG.pack
+    for name, value in pairs:   # encode_pair() inlined: this runs for every request
+        n, v = len(name), len(value)
+        head = ((short[n] if n < 128 else long_(n | 0x80000000))
+                + (short[v] if v < 128 else long_(v | 0x80000000)))
+        length = len(head) + n + v
+        if length > MAX_CONTENT:
+            raise FastCGIError(f"the CGI param {name[:40]!r} ({length} bytes) does not fit "
                                "one FastCGI record")
-        if size + len(pair) > MAX_CONTENT:
+        if size + length > MAX_CONTENT:
             out += encode_records(PARAMS, b"".join(chunk))
             chunk, size = [], 0
-        chunk.append(pair)
-        size += len(pair)
+        chunk += (head, name, value)
+        size += length
     if chunk:
         out += encode_records(PARAMS, b"".join(chunk))
     return out + encode_records(PARAMS, b"")

@@ -72,8 +72,11 @@ class FastCGIForward(Forward):
     def _acquire(self, inst) -> defer.Deferred:
         limit, keep_conn = connection_limit(self.pool.spec.config.php.pool)
         d = self.front.fastcgi.acquire(inst.port, limit, keep_conn)
-        # Waiting for a connection while every one is busy counts as waiting for an answer.
-        return d.addTimeout(self._write_timeout(), self.front.reactor)
+        if not d.called:
+            # Waiting for a connection while every one is busy counts as waiting for an
+            # answer.
+            d.addTimeout(self._write_timeout(), self.front.reactor)
+        return d
 
     def _connect_failed(self, failure) -> None:
         if self.done or not failure.check(defer.TimeoutError):

@@ -310,4 +310,226 @@ class HangupTests(IntegrationBase):
         async def old_gone():
             return old.pid not in [p.pid for p in processes_of(project.root)]
         await wait_until(old_gone, 30, "the old instance to be drained", proc)
+        response, metrics = await client.get(project.url + "/metrics")
+        self.assertEqual(response.code, 200)
+        for line in [b'tqserver_requests_total{code="200",worker="app"}',
+                     b'tqserver_swap_duration_seconds_count{worker="app"} 2.0',
+                     b'tqserver_worker_instances{state="ready",worker="app"} 1.0',
+                     b"process_resident_memory_bytes"]:
+            self.assertIn(line, metrics)
         self.assertEqual(await stop_twistd(proc), 0)
+
+
+class DevReloadTests(IntegrationBase):
+    """Dev mode: save a file, the new code serves; no request fails meanwhile."""
+
+    async def edit_and_wait(self, client, project, proc, path, old, new, url, expect):
+        failures = []
+        text = open(path).read()
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+
+        async def served():
+            response, body = await client.get(url)
+            if response.code != 200:
+                failures.append((response.code, body[:200]))
+            return expect in body
+        await wait_until(served, 120, f"{expect!r} at {url}", proc)
+        self.assertEqual(failures, [])
+
+    def test_python_edit(self):
+        return d(self._python_edit())
+
+    async def _python_edit(self):
+        project = self.make_project()
+        project.write("workers/app/src/main.py", PY_WORKER)
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        main = os.path.join(project.root, "workers", "app", "src", "main.py")
+        await self.edit_and_wait(client, project, proc, main, '"python %s', '"edited %s',
+                                 project.url + "/app/x", b"edited /x")
+
+        async def drained():
+            return len(processes_of(project.root)) == 1
+        await wait_until(drained, 30, "the old instance to be drained", proc)
+        self.assertEqual(await stop_twistd(proc), 0)
+
+    def test_go_edit_and_broken_build(self):
+        if find_go() is None:
+            raise unittest.SkipTest("Go is not installed")
+        return d(self._go_edit())
+
+    async def _go_edit(self):
+        project = self.make_project()
+        project.copy_worker("hello")
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["hello"])
+        main = os.path.join(project.root, "workers", "hello", "src", "main.go")
+        await self.edit_and_wait(client, project, proc, main, "Hello from Go!", "Hello again!",
+                                 project.url + "/hello", b"Hello again!")
+        # A broken build: the old code keeps running, dev pages show the compiler output.
+        with open(main, "a") as f:
+            f.write("\nthis is not go\n")
+
+        async def error_page():
+            response, body = await client.get(project.url + "/hello")
+            return response.code == 500 and b"Build failed" in body
+        await wait_until(error_page, 120, "the build-error page", proc)
+        response, body = await client.get(project.url + "/hello")
+        self.assertIn(b"main.go", body)                  # the compiler's message
+        self.assertIn(b"TQServer live reload", body)     # reloads after the next good build
+        self.assertEqual(len(processes_of(project.root)), 1)   # old instance still up
+        code, health = await client.get_json(project.url + "/health")
+        self.assertEqual(health["workers"]["hello"]["status"], "degraded")
+        # Fixed again: served.
+        text = open(main).read().replace("\nthis is not go\n", "\n")
+        with open(main, "w") as f:
+            f.write(text)
+
+        async def fixed():
+            response, body = await client.get(project.url + "/hello")
+            return response.code == 200 and b"Hello again!" in body
+        await wait_until(fixed, 120, "the fixed build", proc)
+        self.assertEqual(await stop_twistd(proc), 0)
+
+    def test_new_and_removed_worker(self):
+        return d(self._new_and_removed())
+
+    async def _new_and_removed(self):
+        project = self.make_project()
+        project.write("workers/app/src/main.py", PY_WORKER)
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        project.write("workers/notes/src/main.py", PY_WORKER.replace('"python %s', '"notes %s'))
+        await self.wait_healthy(client, project, proc, ["app", "notes"], timeout=60)
+        response, body = await client.get(project.url + "/notes/x")
+        self.assertEqual(body, b"notes /x /notes")
+        import shutil
+        shutil.rmtree(os.path.join(project.root, "workers", "notes"))
+
+        async def removed():
+            code, health = await client.get_json(project.url + "/health")
+            return "notes" not in health["workers"] and len(processes_of(project.root)) == 1
+        await wait_until(removed, 30, "the removed worker to stop", proc)
+        response, body = await client.get(project.url + "/notes/x")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(await stop_twistd(proc), 0)
+
+    def test_live_reload_and_server_config(self):
+        return d(self._live_reload())
+
+    async def _live_reload(self):
+        project = self.make_project()
+        html_worker = PY_WORKER.replace('"text/plain"', '"text/html; charset=utf-8"').replace(
+            '"python %s %s"', '"<html><body>page %s %s</body></html>"')
+        project.write("workers/app/src/main.py", html_worker)
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        response, body = await client.get(project.url + "/app/")
+        self.assertIn(b"page /", body)
+        self.assertIn(b"TQServer live reload", body)
+        self.assertIn(b'"app"', body)
+
+        events = EventStream(project.port, "/_tqserver/events")
+        self.addCleanup(events.close)
+        await events.connected
+        project.write("workers/app/public/site.css", "body{}")
+        await wait_until(events.saw(b'"public"'), 10, "a public event", proc)
+        main = os.path.join(project.root, "workers", "app", "src", "main.py")
+        with open(main, "a") as f:
+            f.write("\n# edit\n")
+        await wait_until(events.saw(b'"swap"'), 30, "a swap event", proc)
+
+        # server.yaml: a valid change applies, an invalid one is reported and ignored
+        config = os.path.join(project.root, "etc", "server.yaml")
+        text = open(config).read()
+        with open(config, "w") as f:
+            f.write(text + "health:\n  path: /healthz\n")
+
+        async def moved():
+            response, _ = await client.get(project.url + "/healthz")
+            return response.code == 200
+        await wait_until(moved, 10, "the new health path", proc)
+        with open(config, "w") as f:
+            f.write(text + "health:\n  path: [oops\n")
+
+        async def reported():
+            return "keeping the running configuration" in proc.text
+        await wait_until(reported, 10, "the invalid config report", proc)
+        response, _ = await client.get(project.url + "/healthz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
+class EventStream:
+    """A raw server-sent-events client that keeps everything it received."""
+
+    def __init__(self, port: int, path: str) -> None:
+        from twisted.internet import protocol, reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        stream = self
+        self.data = b""
+
+        class Reader(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+
+            def dataReceived(self, data):
+                stream.data += data
+        self.connected = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            protocol.Factory.forProtocol(Reader))
+        self.connected.addCallback(lambda proto: setattr(self, "proto", proto))
+        self.proto = None
+
+    def saw(self, needle: bytes):
+        async def check():
+            return needle in self.data
+        return check
+
+    def close(self):
+        if self.proto is not None:
+            self.proto.transport.loseConnection()
+
+
+class HangupOnlyChangedTests(IntegrationBase):
+    def test_sighup_redoes_only_changed_workers(self):
+        return d(self._only_changed())
+
+    async def _only_changed(self):
+        project = self.make_project()
+        for name in ("a", "b"):
+            project.write(f"workers/{name}/src/main.py", PY_WORKER)
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["a", "b"], timeout=60)
+
+        async def pids():
+            code, status = await client.get_json(project.url + "/_tqserver/api/status")
+            return {n: [i["pid"] for i in w["instances"]] for n, w in status["workers"].items()}
+        before = await pids()
+        proc.transport.signalProcess("HUP")          # nothing changed: nothing restarts
+        await wait_until(lambda: _true_after(0.5), 5, "a moment")
+        self.assertEqual(await pids(), before)
+        self.assertIn("reload: nothing changed", proc.text)
+
+        main = os.path.join(project.root, "workers", "a", "src", "main.py")
+        with open(main, "w") as f:
+            f.write(PY_WORKER.replace('"python %s', '"a2 %s'))
+        proc.transport.signalProcess("HUP")
+
+        async def swapped():
+            response, body = await client.get(project.url + "/a/x")
+            now = await pids()
+            return body.startswith(b"a2") and len(now["a"]) == 1 and now["a"] != before["a"]
+        await wait_until(swapped, 30, "worker a swapped", proc)
+        self.assertEqual((await pids())["b"], before["b"])
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
+async def _true_after(seconds: float) -> bool:
+    await sleep(seconds)
+    return True

@@ -295,3 +295,155 @@ class ProblemTests(PoolTestBase):
         self.assertEqual(env["WORKER_PORT"], "9000")
         self.assertEqual(env["WORKER_NAME"], "api")
         self.assertEqual(env["TQSERVER_ROOT"], self.pool.ctx.root)
+
+
+class RecycleTests(PoolTestBase):
+    def test_max_requests_recycles_by_swap(self) -> None:
+        self.pool.spec = attrs.evolve(self.spec, config=attrs.evolve(self.spec.config,
+                                                                     max_requests=10))
+        inst = self.start_healthy()
+        self.assertTrue(10 <= inst.recycle_after <= 11)      # jitter: up to +10%
+        for _ in range(inst.recycle_after):
+            inst.request_started()
+            inst.request_finished()
+        self.reactor.advance(0.1)
+        self.assertIsNot(self.pool.serving[0], inst)
+        self.assertEqual(self.pool.restarts["max_requests"], 1)
+
+    def test_memory_limit_recycles(self) -> None:
+        from tqserver import pool as pool_module
+        self.pool.spec = attrs.evolve(self.spec, config=attrs.evolve(
+            self.spec.config, memory_limit=100 * 2**20))
+        inst = self.start_healthy()
+        self.patch(pool_module, "tree_rss", lambda pid: 50 * 2**20)
+        self.pool.check_memory(inst)
+        self.assertIs(self.pool.serving[0], inst)
+        self.patch(pool_module, "tree_rss", lambda pid: 150 * 2**20)
+        self.pool.check_memory(inst)
+        self.reactor.advance(0.1)
+        self.assertIsNot(self.pool.serving[0], inst)
+        self.assertEqual(self.pool.restarts["memory"], 1)
+
+    def test_jitter(self) -> None:
+        from tqserver.pool import jitter
+        self.assertEqual(jitter(0), 0)
+        values = {jitter(1000) for _ in range(200)}
+        self.assertTrue(all(1000 <= v <= 1100 for v in values))
+        self.assertGreater(len(values), 1)
+
+
+class BuildTests(PoolTestBase):
+    """A runtime with a build step, on the fake reactor: builds are child processes too."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from tqserver.runtimes import BuildStep
+
+        class Compiled(CommandRuntime):
+            def build_steps(self, spec):
+                return [BuildStep(["compiler", "--out", "bin/app"], spec.directory)]
+        self.pool.runtime = Compiled()
+
+    def compiler(self, index: int = -1):
+        builds = [t for t in self.reactor.spawned if "compiler" in t.argv]
+        return builds[index]
+
+    def test_build_then_start(self) -> None:
+        self.pool.startService()
+        self.assertEqual(len(self.reactor.spawned), 1)       # only the compiler so far
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 1)
+        self.assertTrue(self.pool.last_build.ok)
+
+    def test_failed_build_keeps_old_code_and_shows_output(self) -> None:
+        self.pool.startService()
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        old = self.pool.serving[0]
+        self.pool.deploy("source changed")
+        self.compiler().proto.childDataReceived(2, b"main.go:3:1: syntax error\n")
+        self.compiler().exit(1)
+        self.assertEqual(self.pool.serving, (old,))
+        self.assertIn("syntax error", self.pool.build_error)
+        self.assertEqual(self.pool.status, "degraded")
+        self.pool.deploy("source changed")                  # fixed: next good build
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        self.assertIsNone(self.pool.build_error)
+        self.assertIsNot(self.pool.serving[0], old)
+
+    def test_newer_change_supersedes_build_in_progress(self) -> None:
+        self.pool.startService()
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        self.pool.deploy("edit 1")
+        first = self.compiler()
+        self.pool.deploy("edit 2")                          # while the first compiles
+        self.pool.deploy("edit 3")
+        self.assertTrue(first.ended)                        # killed (SIGKILL to its group)
+        self.assertIn((first.pid, 9), self.signals.sent)
+        builds = [t for t in self.reactor.spawned if "compiler" in t.argv]
+        # initial, edit 1 (killed by edit 2), edit 2 (killed by edit 3), edit 3
+        self.assertEqual(len(builds), 4)
+        self.assertEqual([b.ended for b in builds[1:]], [True, True, False])
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 1)
+        self.assertFalse(self.pool.last_build.cancelled)
+
+
+class ScalingTests(PoolTestBase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.pool.spec = attrs.evolve(self.spec, config=attrs.evolve(
+            self.spec.config, scaling=attrs.evolve(self.spec.config.scaling, min_workers=1,
+                                                   max_workers=3, queue_threshold=2,
+                                                   scale_down_delay=60)))
+        self.settings = attrs.evolve(self.settings, health_check_interval_ms=1000)
+
+    def test_scale_up_under_load_and_down_when_idle(self) -> None:
+        first = self.start_healthy()
+        for _ in range(2):
+            first.request_started()
+        self.assertEqual(len(self.reactor.spawned), 1)      # at the threshold: not yet
+        first.request_started()                              # 3 in flight > 2 per instance
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 2)
+        self.assertEqual(self.pool.pick().inflight, 0)       # least outstanding first
+        first.request_started()                              # 4 over 2 instances: fine
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for _ in range(4):
+            first.request_finished()
+        checker = HealthChecker(self.reactor, lambda: [self.pool], self.probe,
+                                lambda: self.settings)
+        checker.startService()
+        self.addCleanup(checker.stopService)
+        self.reactor.advance(30)
+        self.assertEqual(len(self.pool.serving), 2)          # not idle long enough
+        for _ in range(40):
+            self.reactor.advance(1)
+        self.assertEqual(len(self.pool.serving), 1)
+        self.assertEqual(self.pool.status, "healthy")
+
+    def test_never_beyond_max(self) -> None:
+        first = self.start_healthy()
+        for _ in range(50):
+            first.request_started()
+            self.reactor.advance(0.1)
+            for inst in self.pool.serving:
+                if inst is not first:
+                    inst.request_started()
+        self.assertEqual(len(self.pool.serving), 3)
+
+    def test_swap_keeps_the_scale(self) -> None:
+        first = self.start_healthy()
+        for _ in range(3):
+            first.request_started()
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 2)
+        self.pool.deploy("source changed")
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.pool.serving), 2)
+        self.assertNotIn(first, self.pool.serving)

@@ -10,7 +10,7 @@ import attrs
 from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 
-from .process import in_new_session, signal_group
+from . import process
 from .runtimes import BuildStep
 
 MAX_OUTPUT = 256 * 1024  # keep the head of a build's output; compilers can be verbose
@@ -64,7 +64,7 @@ def run_build(reactor, steps: List[BuildStep], base_env: Optional[Dict[str, str]
         state["cancelled"] = True
         proto = current.get("proto")
         if proto is not None and proto.transport is not None:
-            signal_group(proto.transport.pid, signal.SIGKILL)
+            process.signal_group(proto.transport.pid, signal.SIGKILL)
 
     async def run() -> BuildResult:
         command = ""
@@ -75,7 +75,7 @@ def run_build(reactor, steps: List[BuildStep], base_env: Optional[Dict[str, str]
             proto = _Collector()
             current["proto"] = proto
             try:
-                argv = in_new_session(step.argv)
+                argv = process.in_new_session(step.argv)
                 reactor.spawnProcess(proto, argv[0], argv, env=env, path=step.cwd)
             except OSError as e:
                 return BuildResult(False, f"$ {command}\ncannot run: {e}\n", started,

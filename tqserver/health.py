@@ -9,7 +9,10 @@ from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from . import fastcgi
 from .process import Instance
@@ -26,6 +29,20 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+@implementer(IAgentEndpointFactory)
+class _LoopbackEndpoints:
+    """Plain TCP endpoints for probe URLs (always 127.0.0.1:port). Agent's default
+    HostnameEndpoint resolves names in a thread and, after a refused connection, waits
+    0.3 s before giving up; a starting instance refuses several probes, each of which
+    would add that delay to every swap."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def endpointForURI(self, uri):
+        return TCP4ClientEndpoint(self._reactor, uri.host.decode("ascii"), uri.port, timeout=5)
+
+
 class Prober:
     """Asks an instance whether it is healthy, the way its runtime says (``inst.probe``):
     GET <health_path> over HTTP, or a FastCGI request for php-fpm's ping path. True only
@@ -35,7 +52,8 @@ class Prober:
         self._reactor = reactor
         # Probes are rare per instance; a fresh connection each time also proves accept() works.
         self._pool = _QuietPool(reactor, persistent=False)
-        self._client = HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=5))
+        agent = Agent.usingEndpointFactory(reactor, _LoopbackEndpoints(reactor), pool=self._pool)
+        self._client = HTTPClient(agent)
 
     def __call__(self, inst: Instance, path: str, timeout: float) -> defer.Deferred:
         probe = getattr(inst, "probe", HTTP_PROBE)
@@ -112,8 +130,10 @@ class HealthChecker(Service):
         d.addErrback(lambda f: log.failure("health checker stopped", f))
 
     def check_all(self) -> defer.Deferred:
-        checks = [self._check(pool, inst) for pool in list(self._pools())
-                  for inst in pool.serving]
+        pools = list(self._pools())
+        for pool in pools:
+            pool.maybe_scale_down()
+        checks = [self._check(pool, inst) for pool in pools for inst in pool.serving]
         return defer.gatherResults(checks, consumeErrors=True)
 
     def _check(self, pool, inst: Instance) -> defer.Deferred:
@@ -127,6 +147,7 @@ class HealthChecker(Service):
                 if inst.health_failures:
                     log.info("{id} is healthy again", id=inst.id)
                 inst.health_failures = 0
+                pool.check_memory(inst)
                 return
             inst.health_failures += 1
             log.warn("{id}: health check failed ({n}/{limit})", id=inst.id,

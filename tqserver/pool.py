@@ -3,6 +3,7 @@ swap, drain, crash restart with backoff)."""
 from __future__ import annotations
 
 import os
+import random
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import attrs
@@ -12,6 +13,7 @@ from twisted.logger import Logger
 
 from .build import BuildResult, run_build
 from .discovery import WorkerSpec
+from .fingerprint import Fingerprint
 from .logs import DatedLogFile, resolve_template
 from .ports import PortsExhausted
 from .process import Instance
@@ -73,6 +75,10 @@ class WorkerPool(Service):
         self._rr = 0
         self._log_file: Optional[DatedLogFile] = None
         self._build_d: Optional[defer.Deferred] = None
+        self.fingerprint: Optional[Fingerprint] = None
+        self._deploy_started = 0.0
+        self.last_swap_seconds: Optional[float] = None   # deploy start -> new code serving
+        self._last_busy = 0.0
 
     # -- what the proxy uses ---------------------------------------------------------
     def pick(self) -> Optional[Instance]:
@@ -113,6 +119,63 @@ class WorkerPool(Service):
         return path if os.path.isdir(path) else None
 
     @property
+    def max_requests(self) -> int:
+        config = self.spec.config
+        return config.max_requests or (config.go.max_requests if self.spec.type == "go" else 0)
+
+    def _request_limit(self, inst: Instance) -> None:
+        log.info("{id} served {n} requests: recycling it", id=inst.id, n=inst.requests)
+        self.replace(inst, "max_requests")
+
+    def check_memory(self, inst: Instance) -> None:
+        """Recycle ``inst`` when its process tree uses more than memory_limit (RSS)."""
+        limit = self.spec.config.memory_limit
+        if not limit or inst.state != "ready":
+            return
+        rss = tree_rss(inst.pid)
+        if rss > limit:
+            log.info("{id} uses {mb:.0f} MiB, over memory_limit {limit:.0f} MiB: recycling it",
+                     id=inst.id, mb=rss / 2**20, limit=limit / 2**20)
+            self.replace(inst, "memory")
+
+    # -- autoscaling: min_workers..max_workers ------------------------------------------
+    def _note_load(self) -> None:
+        """On each request start: scale up when in-flight requests per serving instance
+        exceed scaling.queue_threshold (one instance at a time)."""
+        serving = self.serving
+        scaling = self.spec.config.scaling
+        inflight = sum(i.inflight for i in serving)
+        now = self.ctx.reactor.seconds()
+        if inflight > scaling.queue_threshold * (len(serving) - 1):
+            self._last_busy = now     # this load needs every instance we have
+        if (serving and inflight > scaling.queue_threshold * len(serving)
+                and len(serving) < scaling.max_workers and not self.deploying and self.running):
+            log.info("{worker}: {n} requests in flight on {k} instance(s): scaling up",
+                     worker=self.name, n=inflight, k=len(serving))
+            self.deploying = True
+            self._deploy_started = now
+            d = defer.ensureDeferred(self._rollout(1, [], "scale up"))
+            d.addErrback(self._deploy_crashed)
+            d.addBoth(self._deploy_done)
+
+    def maybe_scale_down(self) -> None:
+        """Called periodically: retire one instance once the load has fit in one fewer for
+        scaling.scale_down_delay seconds."""
+        scaling = self.spec.config.scaling
+        serving = self.serving
+        if len(serving) <= self.desired or self.deploying or not self.running:
+            return
+        now = self.ctx.reactor.seconds()
+        if now - self._last_busy < scaling.scale_down_delay:
+            return
+        victim = min(serving, key=lambda inst: inst.inflight)
+        log.info("{worker}: load fits in {k} instance(s): scaling down ({id})",
+                 worker=self.name, k=len(serving) - 1, id=victim.id)
+        self._set_serving(tuple(i for i in serving if i is not victim))
+        self._last_busy = now
+        self._retire(victim)
+
+    @property
     def desired(self) -> int:
         return max(1, self.spec.config.scaling.min_workers)
 
@@ -148,6 +211,8 @@ class WorkerPool(Service):
             "last_build": None if self.last_build is None else {
                 "ok": self.last_build.ok, "duration_seconds": round(self.last_build.duration, 3)},
             "ports": [i.port for i in self.serving],
+            "last_swap_seconds": (None if self.last_swap_seconds is None
+                                  else round(self.last_swap_seconds, 3)),
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -216,11 +281,25 @@ class WorkerPool(Service):
         return result
 
     async def _deploy(self, reason: str, build: bool) -> bool:
+        self._deploy_started = self.ctx.reactor.seconds()
+        # Taken before building: an edit made during the build counts as newer.
+        before = Fingerprint.take(self.spec, self.runtime)
         if build:
             if not await self._build(reason):
                 return False
         old = list(self.serving)
-        return await self._rollout(self.desired, old, reason)
+        # A swap keeps the current scale (autoscaling may have added instances).
+        swapped = await self._rollout(max(self.desired, len(old)), old, reason)
+        if swapped:
+            self.fingerprint = attrs.evolve(
+                before, artifact=Fingerprint.take(self.spec, self.runtime).artifact)
+        return swapped
+
+    def changed_on_disk(self) -> Optional[str]:
+        """What changed since the serving code was deployed (see Fingerprint.difference)."""
+        if self.fingerprint is None:
+            return "sources"
+        return self.fingerprint.difference(Fingerprint.take(self.spec, self.runtime))
 
     async def _build(self, reason: str) -> bool:
         try:
@@ -289,6 +368,7 @@ class WorkerPool(Service):
         kept = [inst for inst in self.serving if inst not in replacing]
         self._set_serving(tuple(kept + new))
         self.error = None
+        self.last_swap_seconds = self.ctx.reactor.seconds() - self._deploy_started
         self.ctx.changed(self, "swap")
         log.info("{worker} now served by {ids} on port {ports} ({reason})", worker=self.name,
                  ids=", ".join(i.id for i in new), ports=", ".join(str(i.port) for i in new),
@@ -316,6 +396,10 @@ class WorkerPool(Service):
                             self._write_output, on_exit=self._exited,
                             probe=self.runtime.probe, files=launch.files,
                             stop_signal=self.runtime.stop_signal)
+            inst.recycle_after = jitter(self.max_requests)
+            inst.on_request_limit = self._request_limit
+            if self.spec.config.scaling.max_workers > self.desired:
+                inst.on_request = self._note_load
             inst.start()
         except BaseException:
             self.ctx.ports.release(port)
@@ -379,6 +463,7 @@ class WorkerPool(Service):
         self.restarts[reason] = self.restarts.get(reason, 0) + 1
         self.ctx.changed(self, "restart")
         self.deploying = True
+        self._deploy_started = self.ctx.reactor.seconds()
         d = defer.ensureDeferred(self._rollout(1, [inst], reason))
         d.addErrback(self._deploy_crashed)
         d.addBoth(self._deploy_done)
@@ -422,6 +507,7 @@ class WorkerPool(Service):
                 self.deploy(why, build=False)
                 return
             self.deploying = True
+            self._deploy_started = self.ctx.reactor.seconds()
             d = defer.ensureDeferred(self._rollout(missing, [], why))
             d.addErrback(self._deploy_crashed)
             d.addBoth(self._deploy_done)
@@ -470,3 +556,26 @@ class WorkerPool(Service):
             for line in data.decode("utf-8", "replace").splitlines():
                 log.info("{worker}: {line}", worker=self.name, line=line.split(" ", 1)[-1])
 
+
+def jitter(limit: int, fraction: float = 0.1) -> int:
+    """``limit`` plus up to 10%, so instances started together are not recycled together."""
+    if limit <= 0:
+        return 0
+    return limit + random.randint(0, int(limit * fraction))
+
+
+def tree_rss(pid: Optional[int]) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    import psutil
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total

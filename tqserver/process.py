@@ -101,6 +101,9 @@ class Instance(ProcessProtocol):
         self.inflight = 0
         self.requests = 0
         self.health_failures = 0
+        self.recycle_after = 0      # max_requests (with jitter); 0 = never
+        self.on_request_limit: Optional[Callable[["Instance"], None]] = None
+        self.on_request: Optional[Callable[[], None]] = None   # autoscaling watches load
         self.started_at: Optional[float] = None
         self.ready_at: Optional[float] = None
         self.exit_code: Optional[int] = None
@@ -158,9 +161,15 @@ class Instance(ProcessProtocol):
     def request_started(self) -> None:
         self.inflight += 1
         self.requests += 1
+        if self.on_request is not None:
+            self.on_request()
 
     def request_finished(self) -> None:
         self.inflight -= 1
+        if (self.recycle_after and self.requests >= self.recycle_after
+                and self.on_request_limit is not None):
+            callback, self.on_request_limit = self.on_request_limit, None   # once
+            callback(self)
         if self.inflight == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:

@@ -19,6 +19,7 @@ from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
 
 from . import pages, static
+from .events import live_reload_snippet
 from .fastcgi import FastCGIPool
 from .router import strip_prefix
 from .upstream import UpstreamConnection, UpstreamPool, UpstreamSink
@@ -67,6 +68,10 @@ class Front:
     def dev(self) -> bool:
         return self.supervisor.mode == "dev"
 
+    def live_reload_snippet(self, worker: str) -> bytes:
+        events = self.supervisor.config.admin.path.rstrip("/") + "/events"
+        return live_reload_snippet(worker, events)
+
     def plan(self, request: "ProxyRequest") -> Optional["Forward"]:
         """Either start forwarding now (returns the Forward) or leave a renderer on the
         request for when its body is complete (returns None)."""
@@ -92,7 +97,8 @@ class Front:
         if self.dev and pool.build_error:
             request.renderer = error_renderer(
                 500, f"The last build of worker '{pool.name}' failed; the page reloads after "
-                     "the next good build.", output=pool.build_error, title="Build failed")
+                     "the next good build.", output=pool.build_error, title="Build failed",
+                live_reload=pool.name)
             return None
         target = (rest if pool.spec.config.strip_prefix else path)
         query = request.uri.partition(b"?")
@@ -103,22 +109,28 @@ class Front:
 
 
 def error_renderer(status: int, detail: str = "", output: Optional[str] = None,
-                   title: Optional[str] = None, retry_after: Optional[int] = None) -> Callable:
+                   title: Optional[str] = None, retry_after: Optional[int] = None,
+                   live_reload: Optional[str] = None) -> Callable:
     def render(request: "ProxyRequest") -> None:
-        send_error(request, status, detail, output=output, title=title, retry_after=retry_after)
+        send_error(request, status, detail, output=output, title=title,
+                   retry_after=retry_after, live_reload=live_reload)
     return render
 
 
 def send_error(request: "ProxyRequest", status: int, detail: str = "",
                output: Optional[str] = None, title: Optional[str] = None,
-               retry_after: Optional[int] = None) -> None:
+               retry_after: Optional[int] = None, live_reload: Optional[str] = None) -> None:
+    """An error page; in dev, ``live_reload`` names the worker whose next swap reloads it."""
     if request.finished or request._disconnected:
         return
     if request.startedWriting:
         # Too late for a status: cut the response so the client sees it is incomplete.
         request.channel.transport.abortConnection()
         return
-    body = pages.error_page(status, detail, dev=request.front.dev, output=output, title=title)
+    front = request.front
+    body = pages.error_page(status, detail, dev=front.dev, output=output, title=title)
+    if front.dev and live_reload:
+        body += front.live_reload_snippet(live_reload)
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
@@ -154,6 +166,7 @@ class Forward(UpstreamSink):
         self.timeout_call = None
         self.head: Optional[bytes] = None
         self.upgrade_head = None
+        self.live_reload = False
         self.has_body = False
         self.chunked = False
 
@@ -306,11 +319,23 @@ class Forward(UpstreamSink):
             out.setRawHeaders(b"x-tqserver-worker-route", [spec.route.encode()])
             out.setRawHeaders(b"x-tqserver-worker-port", [str(inst.port).encode()])
             out.setRawHeaders(b"x-tqserver-worker-instance", [inst.id.encode()])
+            self.live_reload = self._wants_live_reload(code, out)
         request.setHeader(b"x-request-id", request.request_id)
         if code == 101:
             self.upgrade_head = (code, reason, headers)
         else:
             request.registerProducer(self.conn, True)
+
+    def _wants_live_reload(self, code: int, out) -> bool:
+        """Dev: a full HTML page gets the live-reload script appended (browsers run a
+        script after </html> as part of the body); its length changes, so the response
+        is re-framed by chunking."""
+        ctype = (out.getRawHeaders(b"content-type") or [b""])[0].lower()
+        if (code != 200 or self.request.method == b"HEAD" or not ctype.startswith(b"text/html")
+                or out.hasHeader(b"content-encoding") or out.hasHeader(b"content-range")):
+            return False
+        out.removeHeader(b"content-length")
+        return True
 
     def upstream_data(self, data: bytes) -> None:
         self.request.write(data)
@@ -328,6 +353,8 @@ class Forward(UpstreamSink):
             return
         if request.producer is not None:
             request.unregisterProducer()
+        if self.live_reload:
+            request.write(self.front.live_reload_snippet(self.pool.name))
         request.finish_when_read()
 
     def upstream_failed(self, reason: Failure, retryable: bool) -> None:
@@ -368,7 +395,7 @@ class Forward(UpstreamSink):
         detail = f"Worker '{self.pool.name}' has no healthy instance"
         if self.pool.error:
             detail += f": {self.pool.error}"
-        send_error(self.request, 503, detail + ".", retry_after=5)
+        send_error(self.request, 503, detail + ".", retry_after=5, live_reload=self.pool.name)
 
     def _bad_gateway(self, why: str) -> None:
         self._end()

@@ -83,11 +83,13 @@ class Reserved:
         sub = request.path[len(base):].strip(b"/")
         if sub in (b"", b"index.html") and request.method in (b"GET", b"HEAD"):
             respond(request, 200, self.status_page(), b"text/html; charset=utf-8")
+        elif sub == b"events" and request.method == b"GET":
+            self.supervisor.events.subscribe(request)
         elif sub == b"api/status" and request.method in (b"GET", b"HEAD"):
             respond_json(request, 200, self.status())
         elif sub == b"api/reload" and request.method == b"POST":
-            self.supervisor.reload("admin API")
-            respond_json(request, 202, {"reloading": "all"})
+            actions = self.supervisor.reload("admin API", everything=True)
+            respond_json(request, 202, {"reloading": sorted(actions)})
         elif sub.startswith(b"api/reload/") and request.method == b"POST":
             name = sub[len(b"api/reload/"):].decode("utf-8", "replace")
             pool = self.supervisor.pools.get(name)

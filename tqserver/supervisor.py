@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from .config import ConfigError, ServerConfig, load_server_config
 from .discovery import WorkerSpec, discover
+from .events import EventHub
 from .health import HealthChecker, Prober
 from .leftovers import InstanceRecords
 from .metrics import Metrics
@@ -56,6 +57,8 @@ class Supervisor(MultiService):
                                base_env=base_env, changed=self._pool_changed,
                                started=self.records.record, exited=self.records.forget)
         self.front = None   # the proxy's Front, set by tap.py
+        self.events = EventHub(reactor)
+        self.config_listeners: List = []   # called with the new ServerConfig on reload
 
     @property
     def workers_dir(self) -> str:
@@ -72,6 +75,7 @@ class Supervisor(MultiService):
         d = defer.maybeDeferred(MultiService.stopService, self)
 
         def cleanup(result):
+            self.events.close()
             if self.front is not None:
                 self.front.upstreams.close_all()
                 self.front.fastcgi.close_all()
@@ -149,18 +153,64 @@ class Supervisor(MultiService):
             self.ports.reconfigure(w.port_range_start, w.port_range_end)
         self.config = config
         self.checker.reconfigure()
+        for listener in self.config_listeners:
+            listener(config)
         return config
 
-    def reload(self, why: str) -> None:
-        """Re-read everything and redeploy every worker (SIGHUP, admin API)."""
+    def reload(self, why: str, everything: bool = False) -> Dict[str, str]:
+        """SIGHUP (and the admin API): re-read all configuration, start new workers, stop
+        removed ones, and redo only what changed on disk for the rest — a rebuild for
+        changed sources, a restart for a deployed binary, views or config. With
+        ``everything``, every worker is rebuilt and swapped."""
         log.info("reloading ({why})", why=why)
         self.reload_config()
         actions = self.sync_workers()
         for name, pool in self.pools.items():
-            if name not in actions:
-                pool.deploy(why)
+            if name in actions:
+                continue
+            what = "requested" if everything else pool.changed_on_disk()
+            if what is None:
+                continue
+            build = what in ("sources", "requested")
+            pool.deploy(f"{why}: {what} changed" if what != "requested" else why, build=build)
+            actions[name] = "rebuilt" if build else "restarted"
+        if actions:
+            log.info("reload: {summary}", summary=", ".join(
+                f"{name} {what}" for name, what in sorted(actions.items())))
+        else:
+            log.info("reload: nothing changed")
+        return actions
+
+    def apply_changes(self, changes) -> None:
+        """Dev mode: act on a debounced batch of classified file changes (watch.Change)."""
+        kinds = {c.kind for c in changes}
+        log.debug("file changes: {changes}", changes=sorted(
+            f"{c.kind}:{c.worker}" if c.worker else c.kind for c in changes))
+        if "server_config" in kinds:
+            log.info("{path} changed: applying it", path=self.config_path)
+            self.reload_config()
+        actions: Dict[str, str] = {}
+        if kinds & {"discover", "config", "server_config"}:
+            actions = self.sync_workers()
+        for change in sorted(changes, key=lambda c: (c.kind, c.worker or "")):
+            pool = self.pools.get(change.worker or "")
+            if pool is None or change.worker in actions:
+                continue
+            if change.kind == "source":
+                pool.deploy("source changed")
+                actions[change.worker] = "rebuilt"
+            elif change.kind == "views":
+                pool.deploy("views changed", build=False)
+                actions[change.worker] = "restarted"
+            elif change.kind == "public":
+                self.events.publish("public", change.worker)
 
     def _pool_changed(self, pool: WorkerPool, what: str) -> None:
+        if what == "swap":
+            self.events.publish("swap", pool.name)
+            self.metrics.swap_duration.labels(pool.name).observe(pool.last_swap_seconds)
+        elif what == "error" and pool.build_error:
+            self.events.publish("build-failed", pool.name)   # the page shows the output
         if what == "build" and pool.last_build is not None:
             result = "cancelled" if pool.last_build.cancelled else (
                 "success" if pool.last_build.ok else "failure")

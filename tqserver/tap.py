@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -22,7 +23,7 @@ from .logs import ServerLogObserver, resolve_template
 from .proxy import Front, ProxySite
 from .reserved import Reserved
 from .supervisor import Supervisor
-from .watch import HangupReload
+from .watch import DevWatcher, HangupReload
 
 log = Logger()
 access_log = Logger(namespace="tqserver.access")
@@ -115,23 +116,34 @@ def fatal(message: str) -> SystemExit:
     return SystemExit(f"tqserver: {message}")
 
 
-def _listen_problem(description: str) -> Optional[str]:
-    """A clear sentence when a TCP endpoint cannot be bound now (port taken, bad address)."""
-    parts = description.split(":")
-    if parts[0] != "tcp":
+def tcp_address(description: str) -> Optional[Tuple[str, Optional[int]]]:
+    """(interface, port) of a tcp:/tcp6: endpoint description, None for other kinds; the
+    port is None when the description has no valid one."""
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] not in ("tcp", "tcp6"):
         return None
     args = [p for p in parts[1:] if "=" not in p]
     kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    host = kwargs.get("interface", "").replace("\\:", ":")
     try:
-        port = int(kwargs.get("port", args[0] if args else ""))
+        return host, int(kwargs.get("port", args[0] if args else ""))
     except ValueError:
+        return host, None
+
+
+def _listen_problem(description: str) -> Optional[str]:
+    """A clear sentence when a TCP endpoint cannot be bound now (port taken, bad address)."""
+    address = tcp_address(description)
+    if address is None:
+        return None
+    host, port = address
+    if port is None:
         return f"--listen {description}: no TCP port in it"
-    host = kwargs.get("interface", "")
-    family = socket.AF_INET6 if ":" in host or host.startswith("[") else socket.AF_INET
+    family = socket.AF_INET6 if ":" in host or description.startswith("tcp6") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), port))
+        sock.bind((host, port))
     except OSError as e:
         return f"cannot listen on {host or '*'}:{port}: {e.strerror}"
     finally:
@@ -139,15 +151,13 @@ def _listen_problem(description: str) -> Optional[str]:
     return None
 
 
-def _public_url(listen: List[str], config: ServerConfig) -> str:
+def _public_url(listen: List[str]) -> str:
     """Where workers can reach the supervisor itself (TQSERVER_URL)."""
     for description in listen:
-        parts = description.split(":")
-        if parts[0] == "tcp":
-            args = [p for p in parts[1:] if "=" not in p]
-            kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
-            port = kwargs.get("port", args[0] if args else config.server.port)
-            return f"http://127.0.0.1:{port}"
+        address = tcp_address(description)
+        if address is not None and address[1]:
+            loopback = "[::1]" if description.startswith("tcp6") else "127.0.0.1"
+            return f"http://{loopback}:{address[1]}"
     return ""
 
 
@@ -219,14 +229,22 @@ def makeService(options: Options):
         log.warn("{warning}", warning=str(warning))
 
     supervisor = Supervisor(reactor, root, options["config"], options["mode"], config,
-                            public_url=_public_url(options["listen"], config))
+                            public_url=_public_url(options["listen"]))
     supervisor.setServiceParent(top)
     HangupReload(reactor, supervisor.reload).setServiceParent(top)
+    if options["mode"] == "dev":
+        DevWatcher(reactor, supervisor, supervisor.apply_changes).setServiceParent(top)
     front = Front(supervisor, reactor)
     front.reserved = Reserved(supervisor)
     supervisor.front = front
     site = ProxySite(front, timeout=config.server.idle_timeout_seconds,
                      log_access=AccessLog(supervisor, reactor))
+
+    def apply_server_config(new: ServerConfig) -> None:
+        """What a reloaded server.yaml changes outside the supervisor."""
+        observer.set_file(resolve_template(new.server.log_file, root))
+        site.timeout = new.server.idle_timeout_seconds   # for new connections
+    supervisor.config_listeners.append(apply_server_config)
     for description in options["listen"]:
         endpoint = endpoints.serverFromString(reactor, description)
         service = StreamServerEndpointService(endpoint, site)

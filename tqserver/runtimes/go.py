@@ -26,7 +26,8 @@ class GoRuntime(Runtime):
 
     def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
         go = self.go()
-        flags = list(spec.config.go.build_flags)
+        # VCS stamping runs git on every build and is of no use for a worker.
+        flags = ["-buildvcs=false"] + list(spec.config.go.build_flags)
         out = self.artifact(spec)
         src = os.path.join(spec.directory, "src")
         if os.path.exists(os.path.join(spec.directory, "go.mod")):

@@ -1,0 +1,111 @@
+"""Prod reload decisions: what changed on disk since a worker was deployed."""
+from __future__ import annotations
+
+import os
+
+from twisted.trial import unittest
+
+from tqserver.config import default_worker_config
+from tqserver.discovery import WorkerSpec
+from tqserver.fingerprint import Fingerprint, newest_mtime
+from tqserver.runtimes.go import GoRuntime
+
+
+class FingerprintTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        for sub in ("src", "bin", "views", "config", "node_modules"):
+            os.makedirs(os.path.join(self.dir, sub))
+        self.files = {
+            "src": self.touch("src/main.go", 1000),
+            "bin": self.touch("bin/hello", 1000),
+            "views": self.touch("views/page.html", 1000),
+            "config": self.touch("config/worker.yaml", 1000),
+        }
+        for sub in ("src", "bin", "views", "config", "node_modules", ""):
+            os.utime(os.path.join(self.dir, sub), (1000, 1000))
+        self.spec = WorkerSpec("hello", self.dir, "/hello", "go", default_worker_config(),
+                               self.files["config"])
+        self.runtime = GoRuntime()
+        self.deployed = Fingerprint.take(self.spec, self.runtime)
+
+    def touch(self, rel: str, mtime: float) -> str:
+        path = os.path.join(self.dir, rel)
+        with open(path, "a"):
+            pass
+        os.utime(path, (mtime, mtime))
+        return path
+
+    def changed(self):
+        return self.deployed.difference(Fingerprint.take(self.spec, self.runtime))
+
+    def test_nothing_changed(self) -> None:
+        self.assertIsNone(self.changed())
+
+    def test_source_edit_means_rebuild(self) -> None:
+        self.touch("src/main.go", 2000)
+        self.assertEqual(self.changed(), "sources")
+
+    def test_deleted_source_means_rebuild(self) -> None:
+        self.touch("src/util.go", 1000)
+        os.utime(os.path.join(self.dir, "src"), (1000, 1000))
+        self.deployed = Fingerprint.take(self.spec, self.runtime)
+        os.unlink(os.path.join(self.dir, "src", "util.go"))
+        self.assertEqual(self.changed(), "sources")
+
+    def test_deployed_binary_means_restart_without_build(self) -> None:
+        self.touch("bin/hello", 3000)
+        self.touch("src/main.go", 3000)     # rsync brought sources too: the binary wins
+        self.assertEqual(self.changed(), "artifact")
+
+    def test_views_and_config(self) -> None:
+        self.touch("views/page.html", 2000)
+        self.assertEqual(self.changed(), "views")
+        self.deployed = Fingerprint.take(self.spec, self.runtime)
+        self.touch("config/worker.yaml", 2000)
+        self.assertEqual(self.changed(), "config")
+
+    def test_dependencies_dir_is_not_source(self) -> None:
+        self.touch("node_modules/x.js", 5000)
+        self.assertIsNone(self.changed())
+
+    def test_newest_mtime_of_missing_paths(self) -> None:
+        self.assertEqual(newest_mtime([os.path.join(self.dir, "nope")]), 0)
+
+
+class StubPool:
+    def __init__(self, changed):
+        self._changed = changed
+        self.deploys = []
+
+    def changed_on_disk(self):
+        return self._changed
+
+    def deploy(self, reason, build=True):
+        self.deploys.append((reason, build))
+
+
+class ReloadDecisionTests(unittest.TestCase):
+    """Supervisor.reload with pools whose disk state is given."""
+
+    def reload(self, pools, everything=False):
+        from tqserver.supervisor import Supervisor
+        sup = Supervisor.__new__(Supervisor)
+        sup.pools = pools
+        sup.reload_config = lambda: None
+        sup.sync_workers = lambda: {}
+        return sup.reload("SIGHUP", everything=everything)
+
+    def test_only_changed_workers_are_redone(self) -> None:
+        pools = {"a": StubPool(None), "b": StubPool("sources"), "c": StubPool("artifact"),
+                 "d": StubPool("views")}
+        actions = self.reload(pools)
+        self.assertEqual(actions, {"b": "rebuilt", "c": "restarted", "d": "restarted"})
+        self.assertEqual(pools["a"].deploys, [])
+        self.assertEqual(pools["b"].deploys, [("SIGHUP: sources changed", True)])
+        self.assertEqual(pools["c"].deploys, [("SIGHUP: artifact changed", False)])
+
+    def test_everything(self) -> None:
+        pools = {"a": StubPool(None)}
+        self.assertEqual(self.reload(pools, everything=True), {"a": "rebuilt"})
+        self.assertEqual(pools["a"].deploys, [("SIGHUP", True)])

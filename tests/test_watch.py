@@ -1,0 +1,202 @@
+"""Dev-mode change detection: classification, debounce (Clock), and real inotify in a temp
+tree with editor save patterns."""
+from __future__ import annotations
+
+import os
+
+import attrs
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from tqserver.config import default_server_config
+from tqserver.watch import Change, Debouncer, DevWatcher, classify
+
+
+class ClassifyTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.workers = "/p/workers"
+        self.dirs = {"hello": "/p/workers/hello", "api": "/p/workers/api",
+                     "api/v1/users": "/p/workers/api/v1/users"}
+        self.ignore = default_server_config().file_watcher.ignore
+
+    def kind(self, path: str):
+        return classify(path, self.workers, "/p/etc/server.yaml", self.dirs, self.ignore)
+
+    def test_kinds(self) -> None:
+        self.assertEqual(self.kind("/p/workers/hello/src/main.go"), Change("source", "hello"))
+        self.assertEqual(self.kind("/p/workers/hello/go.mod"), Change("source", "hello"))
+        self.assertEqual(self.kind("/p/workers/hello/config/worker.yaml"), Change("config", "hello"))
+        self.assertEqual(self.kind("/p/workers/hello/public/site.css"), Change("public", "hello"))
+        self.assertEqual(self.kind("/p/workers/hello/views/page.html"), Change("views", "hello"))
+        self.assertEqual(self.kind("/p/etc/server.yaml"), Change("server_config"))
+
+    def test_nested_worker_wins(self) -> None:
+        self.assertEqual(self.kind("/p/workers/api/v1/users/src/main.py"),
+                         Change("source", "api/v1/users"))
+        self.assertEqual(self.kind("/p/workers/api/src/main.py"), Change("source", "api"))
+
+    def test_new_and_removed_directories(self) -> None:
+        self.assertEqual(self.kind("/p/workers/blog"), Change("discover"))
+        self.assertEqual(self.kind("/p/workers/blog/src/main.py"), Change("discover"))
+        self.assertEqual(self.kind("/p/workers/hello"), Change("discover"))
+
+    def test_noise_is_ignored(self) -> None:
+        for path in ["/p/workers/hello/bin/hello", "/p/workers/hello/src/4913",
+                     "/p/workers/hello/src/.main.go.swp", "/p/workers/hello/src/main.go~",
+                     "/p/workers/hello/src/.#main.go", "/p/workers/api/node_modules/x/y.js",
+                     "/p/workers/hello/src/__pycache__/m.pyc", "/p/workers/.git/HEAD",
+                     "/p/etc/other.yaml", "/p/workers/hello/config/notes.txt"]:
+            self.assertIsNone(self.kind(path), path)
+
+
+class DebouncerTests(unittest.TestCase):
+    def test_burst_becomes_one_batch(self) -> None:
+        clock = task.Clock()
+        batches = []
+        d = Debouncer(clock, lambda: 0.05, batches.append)
+        d.add(Change("source", "a"))
+        clock.advance(0.04)
+        d.add(Change("source", "a"))
+        d.add(Change("public", "b"))
+        clock.advance(0.04)
+        self.assertEqual(batches, [])
+        clock.advance(0.01)
+        self.assertEqual(batches, [{Change("source", "a"), Change("public", "b")}])
+        clock.advance(1)
+        self.assertEqual(len(batches), 1)
+
+    def test_cancel(self) -> None:
+        clock = task.Clock()
+        batches = []
+        d = Debouncer(clock, lambda: 0.05, batches.append)
+        d.add(Change("discover"))
+        d.cancel()
+        clock.advance(1)
+        self.assertEqual(batches, [])
+
+
+class FakePool:
+    def __init__(self, directory: str) -> None:
+        self.spec = attrs.make_class("Spec", ["directory"])(directory)
+
+
+class FakeSupervisor:
+    def __init__(self, root: str) -> None:
+        self.workers_dir = os.path.join(root, "workers")
+        self.config_path = os.path.join(root, "etc", "server.yaml")
+        self.config = attrs.evolve(default_server_config(), file_watcher=attrs.evolve(
+            default_server_config().file_watcher, debounce_ms=50))
+        self.pools = {}
+
+
+class RealInotifyTests(unittest.TestCase):
+    """Real inotify events; debounce on a Clock advanced by the test."""
+
+    def setUp(self) -> None:
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.root, "workers", "hello", "src"))
+        os.makedirs(os.path.join(self.root, "etc"))
+        self.src = os.path.join(self.root, "workers", "hello", "src")
+        self.write(os.path.join(self.src, "main.go"), "package main\n")
+        self.sup = FakeSupervisor(self.root)
+        self.sup.pools["hello"] = FakePool(os.path.join(self.root, "workers", "hello"))
+        self.clock = task.Clock()
+        self.batches = []
+        self.watcher = DevWatcher(reactor, self.sup, self.batches.append)
+        self.watcher.debouncer.clock = self.clock
+        self.watcher.startService()
+        self.addCleanup(self.watcher.stopService)
+
+    def write(self, path: str, text: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+
+    async def settle(self) -> None:
+        """Let inotify deliver what happened, then let the debounce expire."""
+        for _ in range(10):
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.clock.advance(1.0)
+
+    def test_plain_save(self):
+        return defer.ensureDeferred(self._plain_save())
+
+    async def _plain_save(self):
+        self.write(os.path.join(self.src, "main.go"), "package main // v2\n")
+        await self.settle()
+        self.assertEqual(self.batches, [{Change("source", "hello")}])
+
+    def test_vim_style_save_is_one_change(self):
+        return defer.ensureDeferred(self._vim_save())
+
+    async def _vim_save(self):
+        main = os.path.join(self.src, "main.go")
+        probe = os.path.join(self.src, "4913")            # vim's writability probe
+        self.write(probe, "")
+        os.unlink(probe)
+        self.write(os.path.join(self.src, ".main.go.swp"), "swap")
+        os.rename(main, main + "~")                       # backup
+        self.write(main, "package main // v3\n")
+        os.chmod(main, 0o644)
+        os.unlink(main + "~")
+        await self.settle()
+        self.assertEqual(self.batches, [{Change("source", "hello")}])
+
+    def test_temp_then_rename_is_one_change(self):
+        return defer.ensureDeferred(self._atomic_save())
+
+    async def _atomic_save(self):
+        tmp = os.path.join(self.src, ".goutputstream-XYZ")
+        self.write(tmp, "package main // v4\n")
+        os.rename(tmp, os.path.join(self.src, "main.go"))
+        await self.settle()
+        self.assertEqual(self.batches, [{Change("source", "hello")}])
+
+    def test_noise_only_triggers_nothing(self):
+        return defer.ensureDeferred(self._noise_only())
+
+    async def _noise_only(self):
+        self.write(os.path.join(self.src, ".main.go.swp"), "swap")
+        self.write(os.path.join(self.src, "4913"), "")
+        os.makedirs(os.path.join(self.root, "workers", "hello", "bin"))
+        self.write(os.path.join(self.root, "workers", "hello", "bin", "hello"), "ELF")
+        await self.settle()
+        self.assertEqual(self.batches, [])
+
+    def test_new_directory_and_files_in_it(self):
+        return defer.ensureDeferred(self._new_dir())
+
+    async def _new_dir(self):
+        new = os.path.join(self.root, "workers", "blog", "src")
+        os.makedirs(new)
+        self.write(os.path.join(new, "main.py"), "print()\n")
+        await self.settle()
+        self.assertEqual(self.batches, [{Change("discover")}])
+        # files in directories created later are watched too
+        self.sup.pools["blog"] = FakePool(os.path.join(self.root, "workers", "blog"))
+        await self.settle()
+        self.write(os.path.join(new, "main.py"), "print(2)\n")
+        await self.settle()
+        self.assertEqual(self.batches[-1], {Change("source", "blog")})
+
+    def test_server_config(self):
+        return defer.ensureDeferred(self._server_config())
+
+    async def _server_config(self):
+        self.write(self.sup.config_path, "server: {port: 8081}\n")
+        await self.settle()
+        self.assertEqual(self.batches, [{Change("server_config")}])
+
+
+    def test_deleted_worker_directory_and_watching_goes_on(self):
+        return defer.ensureDeferred(self._deleted())
+
+    async def _deleted(self):
+        import shutil
+        shutil.rmtree(os.path.join(self.root, "workers", "hello"))
+        await self.settle()
+        self.assertIn(Change("discover"), self.batches[-1])
+        del self.sup.pools["hello"]
+        # the watcher still works after a watched directory went away
+        os.makedirs(os.path.join(self.root, "workers", "other"))
+        await self.settle()
+        self.assertEqual(self.batches[-1], {Change("discover")})

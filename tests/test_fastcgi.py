@@ -491,6 +491,35 @@ class PoolTests(unittest.TestCase):
         self.connect_pending()
         self.assertEqual(len(got), 1)
 
+    def test_fresh_replaces_an_idle_connection(self):
+        got = []
+        self.pool.acquire(9000, limit=1).addCallback(got.append)
+        old = self.connect_pending()
+        self.pool.release(old)
+        self.pool.acquire(9000, limit=1, fresh=True).addCallback(got.append)
+        self.assertTrue(old.transport.disconnecting)      # its php-fpm child is freed
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        new = self.connect_pending()
+        self.assertIs(got[-1], new)
+        self.assertFalse(new.reused)
+        old.connectionLost(LOST)
+        self.assertEqual(self.pool.open_count(9000), 1)
+
+    def test_fresh_waiter_gets_a_new_connection(self):
+        got = []
+        self.pool.acquire(9000, limit=1).addCallback(got.append)
+        busy = self.connect_pending()
+        self.pool.acquire(9000, limit=1, fresh=True).addCallback(got.append)
+        self.pool.acquire(9000, limit=1).addCallback(got.append)
+        self.pool.release(busy)
+        self.assertTrue(busy.transport.disconnecting)
+        new = self.connect_pending()
+        self.assertIs(got[1], new)
+        busy.connectionLost(LOST)
+        self.pool.release(new)
+        self.assertIs(got[2], new)          # a plain waiter takes the kept one
+        self.assertTrue(new.reused)
+
     def test_cancelled_waiter_leaves_the_queue(self):
         self.pool.acquire(9000, limit=1)
         conn = self.connect_pending()
@@ -689,3 +718,61 @@ class RealPhpFpmTests(unittest.TestCase):
 async def _sleep(seconds: float) -> None:
     from twisted.internet import task
     await task.deferLater(reactor, seconds, lambda: None)
+
+
+class RecyclingPhpFpmTests(unittest.TestCase):
+    """php-fpm children that exit after a few requests (pm.max_requests) close the
+    connection they were kept on right after their last END_REQUEST: the pool must not
+    hand that connection to a waiting request (it would fail, and a request with a body
+    cannot be retried)."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        require_php_fpm()
+        self.root = os.path.abspath(self.mktemp())
+        self.public = os.path.join(self.root, "worker", "public")
+        os.makedirs(self.public)
+        with open(os.path.join(self.public, "echo.php"), "wb") as f:
+            f.write(ECHO_PHP)
+        spec = php_spec(os.path.join(self.root, "worker"), manager="static", max_workers=3,
+                        max_requests=3)
+        self.fpm = PhpFpm(spec, self.root)
+        self.addCleanup(lambda: defer.ensureDeferred(self.fpm.stop()))
+        yield defer.ensureDeferred(self.fpm.start())
+        self.pool = FastCGIPool(reactor)
+        self.addCleanup(self._close_pool)
+
+    @defer.inlineCallbacks
+    def _close_pool(self):
+        self.pool.close_all()
+        deadline = reactor.seconds() + 10
+        while self.pool.open_count(self.fpm.port) and reactor.seconds() < deadline:
+            yield defer.ensureDeferred(_sleep(0.01))
+
+    @defer.inlineCallbacks
+    def test_posts_through_recycled_children_all_succeed(self):
+        port = self.fpm.port
+        body = os.urandom(20000)
+        digest = hashlib.md5(body).hexdigest()
+        params = [(b"REQUEST_METHOD", b"POST"), (b"SCRIPT_NAME", b"/echo.php"),
+                  (b"SCRIPT_FILENAME", os.path.join(self.public, "echo.php").encode()),
+                  (b"CONTENT_LENGTH", b"%d" % len(body))]
+
+        @defer.inlineCallbacks
+        def loop():
+            pids = set()
+            for _ in range(15):
+                conn = yield self.pool.acquire(port, limit=2, fresh=True)
+                sink = fastcgi.Response()
+                conn.send(encode_params(params), sink, False, True)
+                conn.write_body(body)
+                conn.finish_body()
+                response = yield sink.done
+                data = json.loads(response.body)
+                self.assertEqual(data["md5"], digest)
+                pids.add(data["pid"])
+            return pids
+        results = yield defer.gatherResults([loop() for _ in range(5)])
+        self.assertGreater(len(set().union(*results)), 6)    # children were recycled

@@ -37,10 +37,11 @@ FILES = {
     "index.php": INFO_PHP,
     "info.php": INFO_PHP,
     "admin/index.php": INFO_PHP,
-    "cookies.php": "<?php\nsetcookie('a', '1');\nsetcookie('b', '2', ['httponly' => true]);\n"
+    "cookies.php": "<?php\nheader('Content-Type: text/plain');\nsetcookie('a', '1');\nsetcookie('b', '2', ['httponly' => true]);\n"
                    "header('X-Multi: one');\nheader('X-Multi: two', false);\necho 'cookies';\n",
     "slow.php": "<?php\nusleep((int) ($_GET['ms'] ?? 100) * 1000);\necho 'slow';\n",
-    "stream.php": "<?php\nwhile (ob_get_level()) { ob_end_flush(); }\necho 'started... ';\n"
+    "stream.php": "<?php\nheader('Content-Type: text/plain');\n"
+                  "while (ob_get_level()) { ob_end_flush(); }\necho 'started... ';\n"
                   "flush();\nusleep((int) $_GET['ms'] * 1000);\n"
                   "echo 'done';\n",
     "big.php": "<?php\nheader('Content-Type: application/octet-stream');\n"
@@ -55,6 +56,7 @@ FILES = {
 
 class PhpProxyTestCase(ProxyTestCase):
     timeout = 120
+    php_pool = {"max_workers": 6, "start_workers": 6}
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -68,7 +70,7 @@ class PhpProxyTestCase(ProxyTestCase):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 f.write(text)
-        self.fpm = PhpFpm(php_spec(self.worker_dir, max_workers=6, start_workers=6), self.root)
+        self.fpm = PhpFpm(php_spec(self.worker_dir, **self.php_pool), self.root)
         self.addCleanup(lambda: defer.ensureDeferred(self.fpm.stop()))
         yield defer.ensureDeferred(self.fpm.start())
         self.inst = FakeInstance(self.fpm.port, "blog#1")
@@ -316,6 +318,29 @@ class ErrorTests(PhpProxyTestCase):
         client.transport.abortConnection()
         yield wait_until(lambda: self.front.fastcgi.open_count(self.fpm.port) == 0,
                          what="the FastCGI connection to be dropped")
+        self.assertEqual(self.inst.inflight, 0)
+
+
+class RecycledChildrenTests(PhpProxyTestCase):
+    """php-fpm children exit after 3 requests (pm.max_requests), closing the connections
+    they were kept on: no request may fail for it, with a body or without."""
+
+    php_pool = {"manager": "static", "max_workers": 4, "max_requests": 3}
+
+    @defer.inlineCallbacks
+    def test_no_request_fails(self):
+        body = pattern(30000)
+
+        @defer.inlineCallbacks
+        def client(i):
+            for n in range(12):
+                if n % 2:
+                    data = yield self.info(f"/blog/info.php?i={i}", method="POST", data=body)
+                    self.assertEqual(data["md5"], hashlib.md5(body).hexdigest())
+                else:
+                    data = yield self.info(f"/blog/info.php?i={i}")
+                    self.assertEqual(data["get"], {"i": str(i)})
+        yield defer.gatherResults([client(i) for i in range(6)])
         self.assertEqual(self.inst.inflight, 0)
 
 

@@ -424,7 +424,7 @@ class _Port:
         self.limit = 1
         self.keep_conn = True
         self.idle: List[FastCGIConnection] = []
-        self.waiters: Deque[defer.Deferred] = collections.deque()
+        self.waiters: Deque[Tuple[defer.Deferred, bool]] = collections.deque()   # (d, fresh)
 
 
 class FastCGIPool:
@@ -434,6 +434,11 @@ class FastCGIPool:
     children would wait in its backlog behind idle ones forever; requests beyond the
     limit wait here for a connection instead, and idle ones are closed after
     ``idle_timeout`` (a pinned child also counts against request_terminate_timeout).
+
+    php-fpm may close a kept connection at any moment (after a child's last request under
+    pm.max_requests, or when it stops an idle child); a request that then got no answer
+    is retried, but only one without a body can be. So a request with a body asks for a
+    ``fresh`` connection: an idle one is closed to make room for it.
     """
 
     def __init__(self, reactor, connect_timeout: float = 5.0,
@@ -443,26 +448,32 @@ class FastCGIPool:
         self.idle_timeout = idle_timeout
         self._ports: Dict[int, _Port] = {}
 
-    def acquire(self, port: int, limit: int = 1, keep_conn: bool = True) -> defer.Deferred:
-        """Fires with a connection to 127.0.0.1:port: an idle one, a new one while fewer
-        than ``limit`` are open, else the next one released."""
+    def acquire(self, port: int, limit: int = 1, keep_conn: bool = True,
+                fresh: bool = False) -> defer.Deferred:
+        """Fires with a connection to 127.0.0.1:port: an idle one (unless ``fresh``), a new
+        one while fewer than ``limit`` are open or in place of an idle one, else the next
+        one released."""
         slot = self._ports.setdefault(port, _Port())
         slot.limit = max(1, limit)
         slot.keep_conn = keep_conn
         while slot.idle:
             conn = slot.idle.pop()
             self._stop_idle_timer(conn)
-            if not conn.closed:
+            if conn.closed:
+                continue
+            if not fresh:
                 conn.reused = True
                 return defer.succeed(conn)
+            conn.close()      # its php-fpm child is free again for the new connection
+            return self._connect(port, slot)
         if slot.open < slot.limit:
             return self._connect(port, slot)
 
         def cancel(d: defer.Deferred) -> None:
-            if d in slot.waiters:
-                slot.waiters.remove(d)
+            if (d, fresh) in slot.waiters:
+                slot.waiters.remove((d, fresh))
         d = defer.Deferred(cancel)
-        slot.waiters.append(d)
+        slot.waiters.append((d, fresh))
         return d
 
     def _connect(self, port: int, slot: _Port) -> defer.Deferred:
@@ -484,8 +495,13 @@ class FastCGIPool:
         if slot is None or conn.closed:
             return
         if slot.waiters:
-            conn.reused = True
-            slot.waiters.popleft().callback(conn)
+            waiter, fresh = slot.waiters.popleft()
+            if fresh:
+                conn.close()
+                self._connect(conn.port, slot).chainDeferred(waiter)
+            else:
+                conn.reused = True
+                waiter.callback(conn)
             return
         slot.idle.append(conn)
         conn.idle_call = self.reactor.callLater(self.idle_timeout, self._expire, conn)
@@ -505,7 +521,7 @@ class FastCGIPool:
 
     def _serve_waiters(self, port: int, slot: _Port) -> None:
         if slot.waiters and slot.open < slot.limit:
-            waiter = slot.waiters.popleft()
+            waiter, _ = slot.waiters.popleft()
             self._connect(port, slot).chainDeferred(waiter)
 
     def _expire(self, conn: FastCGIConnection) -> None:

@@ -71,7 +71,9 @@ class FastCGIForward(Forward):
 
     def _acquire(self, inst) -> defer.Deferred:
         limit, keep_conn = connection_limit(self.pool.spec.config.php.pool)
-        d = self.front.fastcgi.acquire(inst.port, limit, keep_conn)
+        # A body streams through once and cannot be resent: never on a kept connection
+        # php-fpm may be closing (see FastCGIPool).
+        d = self.front.fastcgi.acquire(inst.port, limit, keep_conn, fresh=self.has_body)
         if not d.called:
             # Waiting for a connection while every one is busy counts as waiting for an
             # answer.

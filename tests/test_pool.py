@@ -28,7 +28,7 @@ class PoolTestBase(unittest.TestCase):
         self.ports = PortPool(9000, 9010, is_free=lambda p: True)
         directory = self.mktemp()
         config = attrs.evolve(default_worker_config(), type="command",
-                              command=("worker", "--port", "{port}"))
+                              command=("sh", "worker.sh", "--port", "{port}"))
         self.spec = WorkerSpec(name="api", directory=directory, route="/api", type="command",
                                config=config, config_file=None)
         self.changes = []
@@ -50,7 +50,7 @@ class StartTests(PoolTestBase):
         self.pool.startService()
         self.assertEqual(len(self.reactor.spawned), 1)
         spawned = self.reactor.spawned[0]
-        self.assertEqual(spawned.argv[-3:], ["worker", "--port", "9000"])
+        self.assertEqual(spawned.argv[-3:], ["worker.sh", "--port", "9000"])
         self.assertEqual(spawned.env["WORKER_PORT"], "9000")
         self.assertEqual(spawned.env["WORKER_ROUTE"], "/api")
         self.assertEqual(spawned.env["WORKER_MODE"], "development")

@@ -45,7 +45,9 @@ class ClassifyTests(unittest.TestCase):
                      "/p/workers/hello/src/.main.go.swp", "/p/workers/hello/src/main.go~",
                      "/p/workers/hello/src/.#main.go", "/p/workers/api/node_modules/x/y.js",
                      "/p/workers/hello/src/__pycache__/m.pyc", "/p/workers/.git/HEAD",
-                     "/p/etc/other.yaml", "/p/workers/hello/config/notes.txt"]:
+                     "/p/etc/other.yaml", "/p/workers/hello/config/notes.txt",
+                     "/p/workers/hello/build/libs/app.jar", "/p/workers/hello/target/app.jar",
+                     "/p/workers/hello/.gradle/cache"]:
             self.assertIsNone(self.kind(path), path)
 
 

@@ -8,7 +8,10 @@ from typing import Iterable, Optional
 
 import attrs
 
-SKIP_DIRS = frozenset(["node_modules", "bin", ".git", "__pycache__", "logs", "data", "vendor"])
+# Inside a worker: directories of build output (ours in bin/, Gradle's, Maven's),
+# dependencies, logs and data. Changes there are not source changes.
+NOT_SOURCE_DIRS = frozenset(["bin", "node_modules", "vendor", "build", "target", ".gradle",
+                             ".git", "__pycache__", "logs", "data"])
 
 
 def newest_mtime(paths: Iterable[str]) -> int:
@@ -23,7 +26,7 @@ def newest_mtime(paths: Iterable[str]) -> int:
         newest = max(newest, st.st_mtime_ns)
         if os.path.isdir(path):
             for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+                dirnames[:] = [d for d in dirnames if d not in NOT_SOURCE_DIRS]
                 for name in filenames + dirnames:
                     try:
                         newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime_ns)

@@ -17,7 +17,7 @@ from .fingerprint import Fingerprint
 from .logs import DatedLogFile, resolve_template
 from .ports import PortsExhausted
 from .process import Instance
-from .runtimes import LaunchError, Runtime
+from .runtimes import CannotBuild, Runtime
 
 log = Logger()
 
@@ -112,11 +112,10 @@ class WorkerPool(Service):
         return self.deploying or self._restart_call is not None
 
     @property
-    def public_dir(self) -> Optional[str]:
-        """The worker's public/ directory, when it has one (checked per request: dev mode
-        may create it at any time)."""
-        path = os.path.join(self.spec.directory, "public")
-        return path if os.path.isdir(path) else None
+    def public_dir(self) -> str:
+        """The worker's public/ directory. It may not exist (dev mode may create it at any
+        time); static.resolve_public_file answers None for paths that do not exist."""
+        return os.path.join(self.spec.directory, "public")
 
     @property
     def max_requests(self) -> int:
@@ -304,11 +303,12 @@ class WorkerPool(Service):
     async def _build(self, reason: str) -> bool:
         try:
             steps = self.runtime.build_steps(self.spec)
-        except LaunchError as e:
-            log.error("{worker} cannot start: {error}", worker=self.name, error=str(e))
+        except CannotBuild as e:
+            log.error("{worker}: {error}", worker=self.name, error=str(e))
             self._fail(str(e), build_output=str(e))
             return False
         if not steps:
+            self.build_error = None   # nothing to build (any more): an old error is stale
             return True
         log.info("building {worker} ({reason})", worker=self.name, reason=reason)
         self._build_d = run_build(self.ctx.reactor, steps)
@@ -345,7 +345,7 @@ class WorkerPool(Service):
         try:
             for _ in range(count):
                 new.append(self._spawn())
-        except (PortsExhausted, LaunchError, OSError) as e:
+        except (PortsExhausted, CannotBuild, OSError) as e:
             self._fail(f"cannot start an instance: {e}")
             await self._stop_all(new)
             self._schedule_retry()
@@ -542,7 +542,7 @@ class WorkerPool(Service):
             "WORKER_HEALTH_PATH": spec.config.health_path,
         })
         env.update(self.runtime.env(spec, port))
-        env.update(spec.config.env)
+        env.update(self.runtime.config_env(spec, port))
         return env
 
     def _write_output(self, data: bytes) -> None:

@@ -72,11 +72,16 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     if any(p.startswith(".") for p in parts):
         return None
     if parts and not decoded.endswith("/") and _PHP_RE.search(parts[-1]):
-        return None  # a script: cheap to refuse before resolving symlinks
-    root = os.path.realpath(public_dir)
-    candidate = os.path.join(root, *parts)
+        return None  # a script: refused before any filesystem call
+    # Most requests under a worker's route are not files: one stat answers them before
+    # the realpath() calls (an lstat per path component each) that the safe answer needs.
+    candidate = os.path.join(public_dir, *parts)
     if decoded.endswith("/"):
         candidate = os.path.join(candidate, "index.html")
+    if not os.path.exists(candidate):
+        return None
+    root = os.path.realpath(public_dir)
+    candidate = os.path.join(root, os.path.relpath(candidate, public_dir))
     real = os.path.realpath(candidate)
     if not within(root, real):
         return None

@@ -12,6 +12,8 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import filepath
 
+from .fingerprint import NOT_SOURCE_DIRS
+
 try:
     from twisted.internet import inotify
 except ImportError:          # not Linux
@@ -22,8 +24,6 @@ log = Logger()
 # Files editors write next to the real one and remove again: never a change by themselves.
 EDITOR_NOISE = ("4913", "*.swp", "*.swx", "*.swo", "*~", ".#*", "#*#", "*.tmp",
                 ".goutputstream-*", "*.kate-swp", "___jb_tmp___", "___jb_old___")
-# Inside a worker: directories whose changes are ours (bin/) or not code.
-NOT_SOURCE = ("bin", "node_modules", "logs", "data", "vendor", ".git", "__pycache__")
 
 
 @attrs.frozen
@@ -59,7 +59,7 @@ def classify(path: str, workers_dir: str, server_config: str,
     head = inner[0]
     if inner == ["config", "worker.yaml"]:
         return Change("config", owner)
-    if head in NOT_SOURCE or head == "config":
+    if head in NOT_SOURCE_DIRS or head == "config":
         return None
     if head == "public":
         return Change("public", owner)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import attrs
@@ -14,11 +15,12 @@ import attrs
 from ..discovery import WorkerSpec
 
 
-class LaunchError(Exception):
-    """An instance of the worker cannot be started; the message says what to fix."""
+class CannotBuild(Exception):
+    """The worker cannot be built or started as it stands; the message says why. The pool
+    shows it like a failed build (dev: the build-error page) instead of retrying."""
 
 
-class ToolchainMissing(LaunchError):
+class ToolchainMissing(CannotBuild):
     """The worker's language toolchain is not installed; the message says what to install."""
 
 
@@ -49,6 +51,14 @@ class Launch:
     files: Tuple[str, ...] = ()
 
 
+_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "buildhelper.py")
+
+
+def helper_step(cwd: str, *args: str) -> BuildStep:
+    """A build step running buildhelper.py (see there) with the supervisor's interpreter."""
+    return BuildStep([sys.executable, _HELPER] + list(args), cwd)
+
+
 class Runtime:
     """Base: a worker type with no build step that runs ``command``."""
 
@@ -77,6 +87,10 @@ class Runtime:
         """Runtime-specific environment on top of the worker contract's."""
         return {}
 
+    def config_env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
+        """worker.yaml's ``env:`` as the instance gets it (applied last, so it wins)."""
+        return dict(spec.config.env)
+
     def build_inputs(self, spec: WorkerSpec) -> List[str]:
         """Paths whose mtimes decide whether a rebuild is needed (prod reload)."""
         return [os.path.join(spec.directory, "src")]
@@ -102,11 +116,16 @@ def binary_name(spec: WorkerSpec) -> str:
     return spec.name.rsplit("/", 1)[-1] or "worker"
 
 
+def _registry() -> Dict[str, Runtime]:
+    from . import bun, command, go, kotlin, php, python
+    return {"go": go.GoRuntime(), "python": python.PythonRuntime(),
+            "bun": bun.BunRuntime(), "kotlin": kotlin.KotlinRuntime(),
+            "php": php.PhpRuntime(), "command": command.CommandRuntime()}
+
+
 def runtime_for(type_: str) -> Runtime:
-    from . import command, go, php, python
-    registry = {"go": go.GoRuntime(), "python": python.PythonRuntime(),
-                "php": php.PhpRuntime(), "command": command.CommandRuntime()}
+    """The runtime for a worker.yaml ``type``; runtimes are stateless, one per call."""
     try:
-        return registry[type_]
+        return _registry()[type_]
     except KeyError:
         raise ToolchainMissing(f"the {type_!r} runtime is not supported by this TQServer yet")

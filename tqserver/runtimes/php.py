@@ -14,7 +14,7 @@ import signal
 from typing import Dict, List, Optional, Tuple
 
 from ..discovery import WorkerSpec
-from . import Launch, LaunchError, Probe, Runtime, ToolchainMissing
+from . import CannotBuild, Launch, Probe, Runtime, ToolchainMissing
 
 INSTALL_HINT = ("install php-fpm (apt-get install php-fpm, or "
                 "bin/install-toolchains --only php)")
@@ -163,7 +163,7 @@ class PhpRuntime(Runtime):
             return None
         path = path if os.path.isabs(path) else os.path.join(spec.directory, path)
         if not os.path.isfile(path):
-            raise LaunchError(f"php.config_file {spec.config.php.config_file}: no such file")
+            raise CannotBuild(f"php.config_file {spec.config.php.config_file}: no such file")
         return path
 
     def build_steps(self, spec: WorkerSpec) -> list:

@@ -1,0 +1,84 @@
+"""Small file jobs that belong *inside* a build, after the compiler succeeded: run as a
+build step (a child process, like the compiler) so nothing touches the disk from the
+reactor and a failed or cancelled build leaves nothing half-done.
+
+    python buildhelper.py touch PATH
+    python buildhelper.py install-jar SOURCE DEST [STAMP DIGEST]
+
+Standard library only: it runs as a script, without tqserver on the path.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import List, Optional
+
+# Jars a build tool produces that are not the runnable application.
+_NOT_RUNNABLE = ("-sources.jar", "-javadoc.jar", "-plain.jar", "-tests.jar", "-test.jar")
+# Names of self-contained ("fat") jars: shadow, maven-assembly, maven-shade conventions.
+_FAT_MARKERS = ("-all.jar", "-with-dependencies.jar", "-standalone.jar", "-fat.jar")
+
+
+def touch(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a"):
+        pass
+    os.utime(path, None)
+
+
+def pick_jar(directory: str) -> Optional[str]:
+    """The runnable jar a Gradle or Maven build left in ``directory``: a fat jar if there
+    is one, else the newest ordinary jar."""
+    try:
+        names = [n for n in os.listdir(directory) if n.endswith(".jar")]
+    except OSError:
+        return None
+    names = [n for n in names
+             if not n.endswith(_NOT_RUNNABLE) and not n.startswith("original-")]
+    if not names:
+        return None
+    paths = [os.path.join(directory, n) for n in names]
+    fat = [p for p in paths if p.endswith(_FAT_MARKERS)]
+    return max(fat or paths, key=lambda p: (os.stat(p).st_mtime_ns, p))
+
+
+def install_jar(source: str, dest: str, stamp: Optional[str] = None,
+                digest: Optional[str] = None) -> None:
+    """Put the built jar at ``dest`` by rename, never by rewriting it in place: a running
+    JVM keeps reading its own (old) jar lazily, and must not see a new one under it."""
+    if os.path.isdir(source):
+        found = pick_jar(source)
+        if found is None:
+            raise SystemExit(f"the build succeeded but left no runnable jar in {source}/ "
+                             "(make it produce one, e.g. a fat jar with shadowJar or "
+                             "maven-assembly)")
+        source = found
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    if os.path.dirname(os.path.abspath(source)) == os.path.dirname(os.path.abspath(dest)):
+        os.replace(source, dest)
+    else:
+        partial = f"{dest}.{os.getpid()}.partial"
+        shutil.copyfile(source, partial)
+        os.replace(partial, dest)
+    print(f"installed {os.path.relpath(source)} as {os.path.relpath(dest)}")
+    if stamp is not None:
+        partial = f"{stamp}.{os.getpid()}.partial"
+        with open(partial, "w") as f:
+            f.write((digest or "") + "\n")
+        os.replace(partial, stamp)
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) == 2 and argv[0] == "touch":
+        touch(argv[1])
+        return 0
+    if len(argv) in (3, 5) and argv[0] == "install-jar":
+        install_jar(*argv[1:])
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

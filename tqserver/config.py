@@ -252,6 +252,23 @@ def _str_map(value, ctx, key, pos):
             for k, v in value.items()}
 
 
+_INI_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def _ini_map(value, ctx, key, pos):
+    """php.ini settings: names php knows the shape of, values that fit on one INI line."""
+    settings = _str_map(value, ctx, key, pos)
+    for name, text in settings.items():
+        where = _key_pos(value, name)
+        if not _INI_NAME.match(name):
+            raise ctx.error(f"{key}.{name}", where,
+                            "a php.ini setting name has only letters, digits, '_' and '.'")
+        if any(c in text for c in '"\r\n\0'):
+            raise ctx.error(f"{key}.{name}", _value_pos(value, name, where),
+                            "the value must be one line without double quotes")
+    return settings
+
+
 def _section(cls: type) -> Kind:
     def check(value, ctx, key, pos):
         node = _as_mapping(value, ctx, key, pos)
@@ -393,7 +410,7 @@ class PhpPoolConfig:
 class PhpConfig:
     binary: str = _f("", _str(null_ok=True))
     config_file: str = _f("", _str(null_ok=True))
-    settings: Dict[str, str] = _f({}, _str_map)
+    settings: Dict[str, str] = _f({}, _ini_map)
     pool: PhpPoolConfig = _sub(PhpPoolConfig)
 
 

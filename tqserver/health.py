@@ -14,7 +14,9 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from . import fastcgi
 from .process import Instance
+from .runtimes import HTTP_PROBE
 
 log = Logger()
 
@@ -42,7 +44,9 @@ class _LoopbackEndpoints:
 
 
 class Prober:
-    """GET <health_path> on an instance; True only for a 200 within the timeout."""
+    """Asks an instance whether it is healthy, the way its runtime says (``inst.probe``):
+    GET <health_path> over HTTP, or a FastCGI request for php-fpm's ping path. True only
+    for a 200 (with the expected body, when one is set) within the timeout."""
 
     def __init__(self, reactor) -> None:
         self._reactor = reactor
@@ -52,7 +56,23 @@ class Prober:
         self._client = HTTPClient(agent)
 
     def __call__(self, inst: Instance, path: str, timeout: float) -> defer.Deferred:
+        probe = getattr(inst, "probe", HTTP_PROBE)
+        path = probe.path or path
+        if probe.protocol == "fastcgi":
+            return defer.ensureDeferred(self._probe_fastcgi(inst, path, probe.expect, timeout))
         return defer.ensureDeferred(self._probe(inst, path, timeout))
+
+    async def _probe_fastcgi(self, inst: Instance, path: str, expect, timeout: float) -> bool:
+        target = path.encode()
+        params = [(b"GATEWAY_INTERFACE", b"CGI/1.1"), (b"REQUEST_METHOD", b"GET"),
+                  (b"SCRIPT_NAME", target), (b"SCRIPT_FILENAME", target),
+                  (b"REQUEST_URI", target), (b"QUERY_STRING", b""),
+                  (b"SERVER_PROTOCOL", b"HTTP/1.1"), (b"HTTP_USER_AGENT", b"tqserver-health")]
+        try:
+            response = await fastcgi.request(self._reactor, inst.port, params, timeout=timeout)
+        except Exception:
+            return False
+        return response.code == 200 and (expect is None or response.body.strip() == expect)
 
     async def _probe(self, inst: Instance, path: str, timeout: float) -> bool:
         url = f"http://127.0.0.1:{inst.port}{path}"

@@ -17,7 +17,7 @@ from .fingerprint import Fingerprint
 from .logs import DatedLogFile, resolve_template
 from .ports import PortsExhausted
 from .process import Instance
-from .runtimes import CannotBuild, Runtime, ToolchainMissing
+from .runtimes import CannotBuild, Runtime
 
 log = Logger()
 
@@ -25,6 +25,13 @@ STABLE_RUN_SECONDS = 10.0    # a run this long resets the crash backoff
 CRASH_LOOP_WINDOW = 60.0     # this many crashes in this window is reported as a crash loop
 CRASH_LOOP_COUNT = 5
 READY_POLL_SECONDS = 0.025   # readiness probe cadence while an instance starts
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 @attrs.define
@@ -340,7 +347,7 @@ class WorkerPool(Service):
         try:
             for _ in range(count):
                 new.append(self._spawn())
-        except (PortsExhausted, ToolchainMissing, OSError) as e:
+        except (PortsExhausted, CannotBuild, OSError) as e:
             self._fail(f"cannot start an instance: {e}")
             await self._stop_all(new)
             self._schedule_retry()
@@ -381,11 +388,16 @@ class WorkerPool(Service):
     def _spawn(self) -> Instance:
         self._counter += 1
         port = self.ctx.ports.acquire()
+        instance_id = f"{self.name}#{self._counter}"
+        launch = None
         try:
-            argv = self.runtime.run_argv(self.spec, port)
-            inst = Instance(self.ctx.reactor, self.name, f"{self.name}#{self._counter}", port,
-                            argv, self._env(port, self._counter), self._cwd(),
-                            self._write_output, on_exit=self._exited)
+            launch = self.runtime.launch(self.spec, port, instance_id, self.ctx.root,
+                                         self.ctx.mode)
+            inst = Instance(self.ctx.reactor, self.name, instance_id, port,
+                            launch.argv, self._env(port, self._counter), self._cwd(),
+                            self._write_output, on_exit=self._exited,
+                            probe=self.runtime.probe, files=launch.files,
+                            stop_signal=self.runtime.stop_signal)
             inst.recycle_after = jitter(self.max_requests)
             inst.on_request_limit = self._request_limit
             if self.spec.config.scaling.max_workers > self.desired:
@@ -393,6 +405,8 @@ class WorkerPool(Service):
             inst.start()
         except BaseException:
             self.ctx.ports.release(port)
+            for path in launch.files if launch is not None else ():
+                _remove(path)
             raise
         self.instances.add(inst)
         self.ctx.started(inst)
@@ -413,9 +427,10 @@ class WorkerPool(Service):
             if await self.ctx.probe(inst, self.spec.config.health_path, timeout):
                 return None
             if reactor.seconds() >= deadline:
+                method = "GET" if inst.probe.protocol == "http" else inst.probe.protocol
+                path = inst.probe.path or self.spec.config.health_path
                 return (f"instance {inst.id} not healthy within "
-                        f"{s.startup_timeout_ms} ms (GET {self.spec.config.health_path} "
-                        f"on port {inst.port})")
+                        f"{s.startup_timeout_ms} ms ({method} {path} on port {inst.port})")
             await task.deferLater(reactor, READY_POLL_SECONDS, lambda: None)
 
     def _retire(self, inst: Instance) -> defer.Deferred:
@@ -427,7 +442,8 @@ class WorkerPool(Service):
         async def drain() -> None:
             await task.deferLater(reactor, s.restart_delay_ms / 1000.0, lambda: None)
             if inst.inflight:
-                grace = task.deferLater(reactor, s.shutdown_grace_period_ms / 1000.0, lambda: None)
+                grace = task.deferLater(reactor, self.runtime.drain_seconds(self.spec, s),
+                                        lambda: None)
                 idle = inst.idle()
                 await defer.DeferredList([grace, idle], fireOnOneCallback=True,
                                          consumeErrors=True)

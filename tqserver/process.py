@@ -6,12 +6,14 @@ import shutil
 import signal
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from .runtimes import HTTP_PROBE, Probe
 
 log = Logger()
 
@@ -81,7 +83,9 @@ class Instance(ProcessProtocol):
     def __init__(self, reactor, worker: str, instance_id: str, port: int,
                  argv: List[str], env: Dict[str, str], cwd: str,
                  output: Callable[[bytes], None],
-                 on_exit: Optional[Callable[["Instance", Failure], None]] = None) -> None:
+                 on_exit: Optional[Callable[["Instance", Failure], None]] = None,
+                 probe: Probe = HTTP_PROBE, files: Sequence[str] = (),
+                 stop_signal: int = signal.SIGTERM) -> None:
         self.reactor = reactor
         self.worker = worker
         self.id = instance_id
@@ -90,6 +94,9 @@ class Instance(ProcessProtocol):
         self.env = env
         self.cwd = cwd
         self.on_exit = on_exit
+        self.probe = probe
+        self.stop_signal = stop_signal
+        self.files = tuple(files)   # generated for this instance (a php-fpm config...)
         self.state = "new"          # new -> starting -> ready -> draining -> stopping -> exited
         self.inflight = 0
         self.requests = 0
@@ -132,13 +139,14 @@ class Instance(ProcessProtocol):
         return d
 
     def stop(self, kill_timeout: float) -> defer.Deferred:
-        """SIGTERM the process group, SIGKILL it after ``kill_timeout`` seconds; fires on exit."""
+        """SIGTERM (or the runtime's graceful stop signal) to the process group, SIGKILL
+        after ``kill_timeout`` seconds; fires on exit."""
         if self.state == "exited":
             return defer.succeed(self)
         self.stopping = True
         self.state = "stopping"
         if self._kill_call is None:
-            signal_group(self.pid, signal.SIGTERM)
+            signal_group(self.pid, self.stop_signal)
             self._kill_call = self.reactor.callLater(kill_timeout, self.kill)
         return self.ended()
 
@@ -175,6 +183,11 @@ class Instance(ProcessProtocol):
         self._idle_waiters.append(d)
         return d
 
+    def log_lines(self, data: bytes) -> None:
+        """Whole lines of this instance's output that reached us another way than its pipes
+        (FastCGI STDERR), into the same log."""
+        self._sink.feed("side", data if data.endswith(b"\n") else data + b"\n")
+
     # -- ProcessProtocol -------------------------------------------------------------
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self._sink.feed(childFD, data)
@@ -190,6 +203,11 @@ class Instance(ProcessProtocol):
             self._kill_call.cancel()
         self._kill_call = None
         self.state = "exited"
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if self.on_exit is not None:
             self.on_exit(self, reason)
         waiters, self._ended = self._ended, []

@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 
 from . import pages, static
 from .events import live_reload_snippet
+from .fastcgi import FastCGIPool
 from .router import strip_prefix
 from .upstream import UpstreamConnection, UpstreamPool, UpstreamSink
 
@@ -72,7 +73,10 @@ class Front:
         self.supervisor = supervisor
         self.reactor = reactor
         self.upstreams = UpstreamPool(reactor)
+        self.fastcgi = FastCGIPool(reactor)
         self.reserved = None     # set by the supervisor: reserved.Reserved
+        from .fastcgi_forward import FastCGIForward
+        self.forwards = {"php": FastCGIForward}   # worker type -> its Forward class
 
     @property
     def dev(self) -> bool:
@@ -114,8 +118,8 @@ class Front:
         query = request.uri.partition(b"?")
         if query[1]:
             target += b"?" + query[2]
-        fwd = Forward(self, request, pool, route, target, cfg)
-        return fwd
+        forward = self.forwards.get(pool.spec.type, Forward)
+        return forward(self, request, pool, route, target, cfg)
 
 
 def error_renderer(status: int, detail: str = "", output: Optional[str] = None,
@@ -212,8 +216,16 @@ class Forward(UpstreamSink):
         self.attempts += 1
         inst.request_started()
         self.request.pause_reading()
-        d = self.front.upstreams.acquire(inst.port)
+        d = self._acquire(inst)
         d.addCallbacks(self._connected, self._connect_failed)
+
+    def _acquire(self, inst) -> defer.Deferred:
+        """A connection to ``inst`` (pooled HTTP/1.1 here; FastCGI in FastCGIForward)."""
+        return self.front.upstreams.acquire(inst.port)
+
+    def _give_back(self, conn) -> None:
+        """An unused connection back to its pool."""
+        self.front.upstreams.release(conn)
 
     def _connect_failed(self, failure: Failure) -> None:
         inst, self.instance = self.instance, None
@@ -231,7 +243,7 @@ class Forward(UpstreamSink):
 
     def _connected(self, conn: UpstreamConnection) -> None:
         if self.done:
-            self.front.upstreams.release(conn) if not conn.closed else None
+            self._give_back(conn) if not conn.closed else None
             return
         self.conn = conn
         conn.send(self.head, self, self.request.method == b"HEAD", self.has_body, self.chunked)
@@ -430,9 +442,6 @@ class Forward(UpstreamSink):
     # -- the upstream request head ---------------------------------------------------
     def _build_head(self):
         request = self.request
-        cfg = self.cfg
-        client = request.client_ip
-        trusted = client in cfg.server.trusted_proxies
         lines = [request.method + b" " + self.target + b" HTTP/1.1"]
         connection_tokens = set()
         for value in request.requestHeaders.getRawHeaders(b"connection", ()):
@@ -440,11 +449,9 @@ class Forward(UpstreamSink):
         has_body = False
         chunked = False
         upgrade = b"upgrade" in connection_tokens and request.requestHeaders.hasHeader(b"upgrade")
-        incoming = {}
         for name, values in request.requestHeaders.getAllRawHeaders():
             lname = name.lower()
             if lname in _FORWARDED:
-                incoming[lname] = values
                 continue
             if lname == b"transfer-encoding":
                 chunked = any(b"chunked" in v.lower() for v in values)
@@ -462,20 +469,34 @@ class Forward(UpstreamSink):
             lines.append(b"Connection: upgrade")
             for value in request.requestHeaders.getRawHeaders(b"upgrade"):
                 lines.append(b"Upgrade: " + value)
-        client_b = client.encode()
-        xff = incoming.get(b"x-forwarded-for") if trusted else None
-        lines.append(b"X-Forwarded-For: " + (b", ".join(xff) + b", " + client_b if xff else client_b))
-        proto = incoming.get(b"x-forwarded-proto") if trusted else None
-        lines.append(b"X-Forwarded-Proto: " + (proto[0] if proto else
-                                                (b"https" if request.isSecure() else b"http")))
-        fhost = incoming.get(b"x-forwarded-host") if trusted else None
-        host = request.requestHeaders.getRawHeaders(b"host", [b""])[0]
-        if fhost or host:
-            lines.append(b"X-Forwarded-Host: " + (fhost[0] if fhost else host))
-        if self.pool.spec.config.strip_prefix and self.route != "/":
-            lines.append(b"X-Forwarded-Prefix: " + self.route.encode())
-        lines.append(b"X-Request-ID: " + request.request_id)
+        lines.extend(name + b": " + value for name, value in self.forwarded_headers())
         return b"\r\n".join(lines) + b"\r\n\r\n", has_body, chunked
+
+    def forwarded_headers(self):
+        """X-Forwarded-For/-Proto/-Host/-Prefix and X-Request-ID as this proxy sets them: the
+        client's own values count only from server.trusted_proxies."""
+        request = self.request
+        client = request.client_ip
+        trusted = client in self.cfg.server.trusted_proxies
+        headers = request.requestHeaders
+
+        def incoming(name: bytes):
+            return headers.getRawHeaders(name) if trusted else None
+        out = []
+        client_b = client.encode()
+        xff = incoming(b"x-forwarded-for")
+        out.append((b"X-Forwarded-For", b", ".join(xff) + b", " + client_b if xff else client_b))
+        proto = incoming(b"x-forwarded-proto")
+        out.append((b"X-Forwarded-Proto", proto[0] if proto else
+                    (b"https" if request.isSecure() else b"http")))
+        fhost = incoming(b"x-forwarded-host")
+        host = headers.getRawHeaders(b"host", [b""])[0]
+        if fhost or host:
+            out.append((b"X-Forwarded-Host", fhost[0] if fhost else host))
+        if self.pool.spec.config.strip_prefix and self.route != "/":
+            out.append((b"X-Forwarded-Prefix", self.route.encode()))
+        out.append((b"X-Request-ID", request.request_id))
+        return out
 
 
 class _BodyProducer:

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPullProducer
 from twisted.web import http
 
-__all__ = ["resolve_public_file", "serve_file"]
+__all__ = ["resolve_public_file", "serve_file", "within"]
 
 # PHP sources (and their usual aliases) must never leak as text.
 _PHP_RE = re.compile(r"\.(php\d*|phps|phtml|pht|phar)$", re.IGNORECASE)
@@ -71,6 +71,8 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     # Covers "..", "." and hidden names (.git, .env, .htaccess, .user.ini).
     if any(p.startswith(".") for p in parts):
         return None
+    if parts and not decoded.endswith("/") and _PHP_RE.search(parts[-1]):
+        return None  # a script: refused before any filesystem call
     # Most requests under a worker's route are not files: one stat answers them before
     # the realpath() calls (an lstat per path component each) that the safe answer needs.
     candidate = os.path.join(public_dir, *parts)
@@ -81,11 +83,8 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     root = os.path.realpath(public_dir)
     candidate = os.path.join(root, os.path.relpath(candidate, public_dir))
     real = os.path.realpath(candidate)
-    prefix = root.rstrip(os.sep) + os.sep
-    if not real.startswith(prefix):
-        return None  # a symlink (or anything else) pointing out of public/
-    if any(p.startswith(".") for p in real[len(prefix):].split(os.sep)):
-        return None  # a symlink into a hidden directory
+    if not within(root, real):
+        return None
     if _PHP_RE.search(candidate) or _PHP_RE.search(real):
         return None
     try:
@@ -95,6 +94,15 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     if not stat.S_ISREG(st.st_mode):
         return None
     return real
+
+
+def within(root: str, real: str) -> bool:
+    """Whether the resolved path ``real`` lies inside the resolved directory ``root`` and
+    outside its hidden directories: a symlink pointing out, or into .git, is refused."""
+    prefix = root.rstrip(os.sep) + os.sep
+    if not real.startswith(prefix):
+        return False
+    return not any(p.startswith(".") for p in real[len(prefix):].split(os.sep))
 
 
 def serve_file(request: http.Request, path: str) -> None:

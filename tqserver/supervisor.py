@@ -78,6 +78,7 @@ class Supervisor(MultiService):
             self.events.close()
             if self.front is not None:
                 self.front.upstreams.close_all()
+                self.front.fastcgi.close_all()
             return self.prober.close()
         return d.addBoth(cleanup)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import attrs
 
@@ -30,6 +31,26 @@ class BuildStep:
     env: Dict[str, str] = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class Probe:
+    """How an instance's health is asked: HTTP GET of the worker's health_path, or a
+    FastCGI request for a fixed path whose answer must carry ``expect``."""
+    protocol: str = "http"                 # "http" | "fastcgi"
+    path: Optional[str] = None             # None: the worker's health_path
+    expect: Optional[bytes] = None         # the body a healthy answer carries (None: any)
+
+
+HTTP_PROBE = Probe()
+
+
+@attrs.frozen
+class Launch:
+    """What starting one instance takes: its argv, and the files generated for it (removed
+    when it exits)."""
+    argv: List[str]
+    files: Tuple[str, ...] = ()
+
+
 _HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "buildhelper.py")
 
 
@@ -42,6 +63,8 @@ class Runtime:
     """Base: a worker type with no build step that runs ``command``."""
 
     type = "command"
+    probe: Probe = HTTP_PROBE
+    stop_signal: int = signal.SIGTERM   # the worker contract: finish in-flight requests, exit
 
     def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
         """Commands that turn sources into something runnable (empty: nothing to build)."""
@@ -53,6 +76,16 @@ class Runtime:
     def build_env(self, spec: WorkerSpec, mode: str) -> Dict[str, str]:
         """Extra environment for the build steps in this mode ("dev" | "prod")."""
         return {}
+
+    def launch(self, spec: WorkerSpec, port: int, instance_id: str, root: str,
+               mode: str) -> Launch:
+        """Everything one instance needs on disk and its argv (most runtimes: just argv)."""
+        return Launch(self.run_argv(spec, port))
+
+    def drain_seconds(self, spec: WorkerSpec, settings) -> float:
+        """How long a retired instance may take to finish the requests the proxy still has
+        in flight on it, before it is sent ``stop_signal``."""
+        return settings.shutdown_grace_period_ms / 1000.0
 
     def env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
         """Runtime-specific environment on top of the worker contract's."""
@@ -88,10 +121,10 @@ def binary_name(spec: WorkerSpec) -> str:
 
 
 def _registry() -> Dict[str, Runtime]:
-    from . import bun, command, go, kotlin, python
+    from . import bun, command, go, kotlin, php, python
     return {"go": go.GoRuntime(), "python": python.PythonRuntime(),
             "bun": bun.BunRuntime(), "kotlin": kotlin.KotlinRuntime(),
-            "command": command.CommandRuntime()}
+            "php": php.PhpRuntime(), "command": command.CommandRuntime()}
 
 
 def runtime_for(type_: str) -> Runtime:

@@ -18,7 +18,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 
-from .upstream import Headers, UpstreamSink
+from .upstream import ConnectionControl, Headers, UpstreamSink
 
 VERSION = 1
 (BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR, DATA,
@@ -226,7 +226,7 @@ class FastCGISink(UpstreamSink):
 _IDLE, _HEAD, _BODY = range(3)
 
 
-class FastCGIConnection(protocol.Protocol):
+class FastCGIConnection(ConnectionControl, protocol.Protocol):
     """One connection to a FastCGI server, carrying one request at a time (php-fpm does not
     multiplex). With ``keep_conn`` the server is asked to keep it open for the next one."""
 
@@ -280,25 +280,6 @@ class FastCGIConnection(protocol.Protocol):
             self.transport.writeSequence(encode_records(STDIN, b""))
         if self._state == _IDLE:
             self._release()
-
-    # -- backpressure (the proxy registers these on the client side) -----------------
-    def pauseProducing(self) -> None:
-        if not self.closed:
-            self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if not self.closed:
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.abort()
-
-    def abort(self) -> None:
-        """Drop the connection (client gone, timeout): php-fpm sees the request aborted."""
-        self.sink = None
-        if not self.closed:
-            self.closed = True
-            self.transport.abortConnection()
 
     def close(self) -> None:
         """Close an idle connection politely."""

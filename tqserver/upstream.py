@@ -56,7 +56,35 @@ def parse_head(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
     return parts[0], code, parts[2] if len(parts) > 2 else b"", headers
 
 
-class UpstreamConnection(protocol.Protocol):
+class ConnectionControl:
+    """What the proxy does to any connection to an instance (HTTP or FastCGI): registered
+    as the producer of the client's response, it pauses and resumes reading from the
+    instance; ``abort`` drops it when the client went away or time ran out."""
+
+    closed = False
+    sink = None
+    transport = None
+
+    def pauseProducing(self) -> None:
+        if not self.closed:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self.closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection: the instance sees a reset (or, for FastCGI, an abort)."""
+        self.sink = None
+        if not self.closed:
+            self.closed = True
+            self.transport.abortConnection()
+
+
+class UpstreamConnection(ConnectionControl, protocol.Protocol):
     """One keep-alive connection to one instance; carries one request at a time."""
 
     def __init__(self, pool: "UpstreamPool", port: int) -> None:
@@ -107,25 +135,6 @@ class UpstreamConnection(protocol.Protocol):
             self.transport.write(b"0\r\n\r\n")
         if self._state == _IDLE:
             self._release()
-
-    # -- backpressure (the proxy registers these on the client side) -----------------
-    def pauseProducing(self) -> None:
-        if not self.closed:
-            self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if not self.closed:
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.abort()
-
-    def abort(self) -> None:
-        """Drop the connection (client went away, timeout): the instance sees a reset."""
-        self.sink = None
-        if not self.closed:
-            self.closed = True
-            self.transport.abortConnection()
 
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:

@@ -259,34 +259,24 @@ class _SizedInput(_Input):
         self._cont = cont
 
     def read(self, size: int = -1) -> bytes:
-        if self.remaining <= 0:
-            return b""
-        self._continue()
-        if size is None or size < 0 or size > self.remaining:
-            size = self.remaining
-        try:
-            data = self._rfile.read(size)
-        except OSError as e:
-            self.remaining = 0
-            raise ClientDisconnected("reading request body: %s" % e) from None
-        self.remaining -= len(data)
-        if len(data) < size:
-            self.remaining = 0
-            raise ClientDisconnected("client closed the connection mid-body")
-        return data
+        return self._read(size, line=False)
 
     def readline(self, size: int = -1) -> bytes:
+        return self._read(size, line=True)
+
+    def _read(self, size, line: bool) -> bytes:
         if self.remaining <= 0:
             return b""
         self._continue()
         if size is None or size < 0 or size > self.remaining:
             size = self.remaining
         try:
-            data = self._rfile.readline(size)
+            data = (self._rfile.readline if line else self._rfile.read)(size)
         except OSError as e:
             self.remaining = 0
             raise ClientDisconnected("reading request body: %s" % e) from None
-        if not data:
+        # read() must return all it was asked for; readline() at least something
+        if (len(data) < size) if not line else not data:
             self.remaining = 0
             raise ClientDisconnected("client closed the connection mid-body")
         self.remaining -= len(data)

@@ -7,7 +7,7 @@ from twisted.trial import unittest
 
 from tqserver.config import default_worker_config
 from tqserver.discovery import WorkerSpec
-from tqserver.fingerprint import Fingerprint, newest_mtime
+from tqserver.fingerprint import Fingerprint, tree_signature
 from tqserver.runtimes.go import GoRuntime
 
 
@@ -69,8 +69,21 @@ class FingerprintTests(unittest.TestCase):
         self.touch("node_modules/x.js", 5000)
         self.assertIsNone(self.changed())
 
-    def test_newest_mtime_of_missing_paths(self) -> None:
-        self.assertEqual(newest_mtime([os.path.join(self.dir, "nope")]), 0)
+    def test_signature_of_missing_paths(self) -> None:
+        self.assertEqual(tree_signature([os.path.join(self.dir, "nope")]), "")
+
+    def test_rsync_with_an_older_mtime_is_a_change(self) -> None:
+        self.touch("src/util.go", 5000)
+        self.deployed = Fingerprint.take(self.spec, self.runtime)
+        self.touch("src/main.go", 900)      # a deployed copy, older than its neighbour
+        self.assertEqual(self.changed(), "sources")
+
+    def test_same_time_new_content_size_is_a_change(self) -> None:
+        path = os.path.join(self.dir, "src", "main.go")
+        with open(path, "w") as f:
+            f.write("package main // longer now")
+        os.utime(path, (1000, 1000))
+        self.assertEqual(self.changed(), "sources")
 
 
 class StubPool:

@@ -1,8 +1,9 @@
-"""What a worker was deployed from, by modification time: the sources it was built from,
+"""What a worker was deployed from, by file times and sizes: the sources it was built from,
 the artifact it runs, its views and its worker.yaml. A prod reload (SIGHUP) compares a
 fresh fingerprint with the deployed one to redo only what changed."""
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Optional
 
@@ -14,49 +15,55 @@ NOT_SOURCE_DIRS = frozenset(["bin", "node_modules", "vendor", "build", "target",
                              ".git", "__pycache__", "logs", "data"])
 
 
-def newest_mtime(paths: Iterable[str]) -> int:
-    """The newest mtime (ns) of the files under ``paths`` (files or directories), 0 if none.
-    Directory mtimes count too, so a deleted file shows as a change."""
-    newest = 0
+def tree_signature(paths: Iterable[str]) -> str:
+    """A digest of (path, mtime, size) of every file under ``paths`` (files or directories),
+    "" when there are none. Any edit, addition, deletion or rename changes it — also an
+    rsync that sets a file's mtime to an *older* time than its neighbours have."""
+    digest = hashlib.sha1()
+    found = False
     for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        newest = max(newest, st.st_mtime_ns)
-        if os.path.isdir(path):
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = [d for d in dirnames if d not in NOT_SOURCE_DIRS]
-                for name in filenames + dirnames:
-                    try:
-                        newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime_ns)
-                    except OSError:
-                        pass
-    return newest
+        for name, st in _files(path):
+            found = True
+            digest.update(b"%s\0%d\0%d\n" % (os.fsencode(name), st.st_mtime_ns, st.st_size))
+    return digest.hexdigest() if found else ""
 
 
-def _mtime(path: Optional[str]) -> int:
-    if not path:
-        return 0
+def _files(path: str):
+    """(path, stat) of ``path`` if a file, else of the files under it, in a stable order."""
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
-        return 0
+        return
+    if not os.path.isdir(path):
+        yield path, st
+        return
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if d not in NOT_SOURCE_DIRS)
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                yield full, os.stat(full)
+            except OSError:
+                pass
+
+
+def _signature(path: Optional[str]) -> str:
+    return tree_signature([path]) if path else ""
 
 
 @attrs.frozen
 class Fingerprint:
-    sources: int
-    artifact: int
-    views: int
-    config: int
+    sources: str
+    artifact: str
+    views: str
+    config: str
 
     @classmethod
     def take(cls, spec, runtime) -> "Fingerprint":
-        return cls(sources=newest_mtime(runtime.build_inputs(spec)),
-                   artifact=_mtime(runtime.artifact(spec)),
-                   views=newest_mtime([os.path.join(spec.directory, "views")]),
-                   config=_mtime(spec.config_file))
+        return cls(sources=tree_signature(runtime.build_inputs(spec)),
+                   artifact=_signature(runtime.artifact(spec)),
+                   views=tree_signature([os.path.join(spec.directory, "views")]),
+                   config=_signature(spec.config_file))
 
     def difference(self, now: "Fingerprint") -> Optional[str]:
         """What changed since this fingerprint: 'artifact' (a deployed binary: restart it

@@ -359,12 +359,6 @@ class FastCGIConnection(ConnectionControl, protocol.Protocol):
         else:
             self.close()
 
-    def _fail(self, reason: Failure, retryable: bool) -> None:
-        sink, self.sink = self.sink, None
-        self.abort()
-        if sink is not None:
-            sink.upstream_failed(reason, retryable)
-
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.closed = True
         if self.pool is not None:

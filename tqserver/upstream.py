@@ -83,6 +83,13 @@ class ConnectionControl:
             self.closed = True
             self.transport.abortConnection()
 
+    def _fail(self, reason: Failure, retryable: bool) -> None:
+        """The exchange broke: drop the connection and tell the sink."""
+        sink, self.sink = self.sink, None
+        self.abort()
+        if sink is not None:
+            sink.upstream_failed(reason, retryable)
+
 
 class UpstreamConnection(ConnectionControl, protocol.Protocol):
     """One keep-alive connection to one instance; carries one request at a time."""
@@ -301,12 +308,6 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
             self.pool.release(self)
         else:
             self.abort()
-
-    def _fail(self, reason: Failure, retryable: bool) -> None:
-        sink, self.sink = self.sink, None
-        self.abort()
-        if sink is not None:
-            sink.upstream_failed(reason, retryable)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.closed = True

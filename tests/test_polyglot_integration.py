@@ -169,7 +169,7 @@ class SiteTests(PolyglotBase):
         shutil.copytree(await prebuilt_kotlin(), os.path.join(project.root, "workers", "kotlin"))
         proc = self.start(project)
         client = Client(self)
-        await self.wait_healthy(client, project, proc, ["api", "kotlin", "echo"], timeout=60)
+        await self.wait_healthy(client, project, proc, ["api", "kotlin", "echo"], timeout=180)
         api = project.url + "/api"
 
         # Bun: a CRUD round trip.
@@ -237,7 +237,7 @@ class BunTests(PolyglotBase):
         project.copy_worker("api")
         proc = self.start(project, "--mode", "prod")
         client = Client(self)
-        await self.wait_healthy(client, project, proc, ["api"], timeout=60)
+        await self.wait_healthy(client, project, proc, ["api"], timeout=180)
         load = Load(self, project.url + "/api/bench")
         source = os.path.join(project.root, "workers", "api", "index.ts")
 
@@ -257,7 +257,7 @@ class BunTests(PolyglotBase):
         stamp = os.path.join(worker, "node_modules", ".tqserver-installed")
         proc = self.start(project, "--mode", "prod")
         client = Client(self)
-        await self.wait_healthy(client, project, proc, ["api"], timeout=60)
+        await self.wait_healthy(client, project, proc, ["api"], timeout=180)
         installed = os.stat(stamp).st_mtime_ns          # the first start installed
 
         async def reload_done(old):
@@ -311,7 +311,7 @@ class KotlinTests(PolyglotBase):
         shutil.copytree(await prebuilt_kotlin(), os.path.join(project.root, "workers", "kotlin"))
         proc = self.start(project, *args)
         client = Client(self)
-        await self.wait_healthy(client, project, proc, ["kotlin"], timeout=60)
+        await self.wait_healthy(client, project, proc, ["kotlin"], timeout=180)
         return project, proc, client
 
     def test_prod_compile_error_keeps_old_code_then_fix_swaps_under_load(self):

@@ -14,9 +14,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 try:
-    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.internet.testing import MemoryReactorClock
 except ImportError:  # older Twisted
-    from twisted.test.proto_helpers import MemoryReactorClock, StringTransport
+    from twisted.test.proto_helpers import MemoryReactorClock
 
 from tqserver import fastcgi
 from tqserver.fastcgi import (BEGIN_REQUEST, END_REQUEST, HEADER, PARAMS, STDERR, STDIN,
@@ -25,6 +25,7 @@ from tqserver.fastcgi import (BEGIN_REQUEST, END_REQUEST, HEADER, PARAMS, STDERR
                               encode_records, parse_cgi_head, split_head)
 
 from .php_support import PhpFpm, php_spec, require_php_fpm
+from .test_upstream import Transport   # the recording transport of the HTTP upstream tests
 
 LOST = Failure(error.ConnectionLost("gone"))
 
@@ -194,23 +195,23 @@ class CGIHeadTests(unittest.TestCase):
 
 # -- the connection on a StringTransport -------------------------------------------------
 
-class Transport(StringTransport):
-    def __init__(self) -> None:
-        StringTransport.__init__(self)
-        self.aborted = False
 
-    def setTcpNoDelay(self, enabled) -> None:
-        pass
 
-    def abortConnection(self) -> None:
-        self.aborted = True
-        StringTransport.abortConnection(self)
+async def start_fpm_with_pool(testcase, spec):
+    """A real php-fpm for ``spec`` and a FastCGIPool to it, both stopped in cleanup (the pool
+    first, waiting until its connections are closed)."""
+    fpm = PhpFpm(spec, testcase.root)
+    testcase.addCleanup(lambda: defer.ensureDeferred(fpm.stop()))
+    await fpm.start()
+    pool = FastCGIPool(reactor)
 
-    def pauseProducing(self) -> None:
-        self.producerState = "paused"
-
-    def resumeProducing(self) -> None:
-        self.producerState = "producing"
+    async def close_pool():
+        pool.close_all()
+        deadline = reactor.seconds() + 10
+        while pool.open_count(fpm.port) and reactor.seconds() < deadline:
+            await _sleep(0.01)
+    testcase.addCleanup(lambda: defer.ensureDeferred(close_pool()))
+    return fpm, pool
 
 
 class Sink(fastcgi.FastCGISink):
@@ -593,18 +594,7 @@ class RealPhpFpmTests(unittest.TestCase):
         # fastcgi.logging on: PHP's messages then come back as STDERR records.
         spec = php_spec(os.path.join(self.root, "worker"), {"fastcgi.logging": "1"},
                         max_workers=3, start_workers=2)
-        self.fpm = PhpFpm(spec, self.root)
-        self.addCleanup(lambda: defer.ensureDeferred(self.fpm.stop()))
-        yield defer.ensureDeferred(self.fpm.start())
-        self.pool = FastCGIPool(reactor)
-        self.addCleanup(self._close_pool)
-
-    @defer.inlineCallbacks
-    def _close_pool(self):
-        self.pool.close_all()
-        deadline = reactor.seconds() + 10
-        while self.pool.open_count(self.fpm.port) and reactor.seconds() < deadline:
-            yield defer.ensureDeferred(_sleep(0.01))
+        self.fpm, self.pool = yield defer.ensureDeferred(start_fpm_with_pool(self, spec))
 
     def params(self, script: str, **extra):
         params = [(b"REQUEST_METHOD", b"GET"), (b"SCRIPT_NAME", b"/t/" + script.encode()),
@@ -738,18 +728,7 @@ class RecyclingPhpFpmTests(unittest.TestCase):
             f.write(ECHO_PHP)
         spec = php_spec(os.path.join(self.root, "worker"), manager="static", max_workers=3,
                         max_requests=3)
-        self.fpm = PhpFpm(spec, self.root)
-        self.addCleanup(lambda: defer.ensureDeferred(self.fpm.stop()))
-        yield defer.ensureDeferred(self.fpm.start())
-        self.pool = FastCGIPool(reactor)
-        self.addCleanup(self._close_pool)
-
-    @defer.inlineCallbacks
-    def _close_pool(self):
-        self.pool.close_all()
-        deadline = reactor.seconds() + 10
-        while self.pool.open_count(self.fpm.port) and reactor.seconds() < deadline:
-            yield defer.ensureDeferred(_sleep(0.01))
+        self.fpm, self.pool = yield defer.ensureDeferred(start_fpm_with_pool(self, spec))
 
     @defer.inlineCallbacks
     def test_posts_through_recycled_children_all_succeed(self):

@@ -85,8 +85,11 @@ class ServerLogObserver:
     Its file can be swapped when server.yaml changes."""
 
     def __init__(self, quiet: bool, file_template: Optional[str],
-                 level: LogLevel = LogLevel.info) -> None:
-        self._console: Optional[TextFileObserver] = None if quiet else TextFileObserver(sys.stdout)
+                 level: LogLevel = LogLevel.info, console: Optional[IO[str]] = None,
+                 system: Optional[str] = None) -> None:
+        self._console: Optional[TextFileObserver] = None if quiet else TextFileObserver(
+            console or sys.stdout)
+        self._system = system    # names the process in every line (a proxy process)
         self._file: Optional[DatedLogFile] = None
         self._file_observer: Optional[TextFileObserver] = None
         self.set_file(file_template)
@@ -109,6 +112,8 @@ class ServerLogObserver:
         return [o for o in (self._console, self._file_observer) if o is not None]
 
     def __call__(self, event: dict) -> None:
+        if self._system is not None and event.get("log_system", "-") == "-":
+            event = dict(event, log_system=self._system)
         self._filtered(event)
 
     def close(self) -> None:

@@ -1,11 +1,87 @@
-"""Prometheus metrics (SPEC §9) in a registry of our own, plus the process collectors."""
+"""Prometheus metrics (SPEC §9) in a registry of our own, plus the process collectors.
+
+Per-request figures are kept as plain cumulative numbers (RequestStats): one dict update
+per request, and proxy processes send theirs to the supervisor, which exposes the sum."""
 from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Callable, Dict, Iterable, List, Tuple
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, CONTENT_TYPE_LATEST)
 from prometheus_client import PlatformCollector, ProcessCollector, GCCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+
+
+class RequestStats:
+    """Requests answered by (worker, code) and their durations by worker, cumulative since
+    the process started. ``durations[worker]`` is one count per bucket of LATENCY_BUCKETS
+    (not cumulative), then +Inf, then the sum of seconds."""
+
+    __slots__ = ("counts", "durations")
+
+    def __init__(self) -> None:
+        self.counts: Dict[Tuple[str, int], int] = {}
+        self.durations: Dict[str, List[float]] = {}
+
+    def observe_request(self, worker: str, code: int, seconds: float) -> None:
+        key = (worker, code)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        row = self.durations.get(worker)
+        if row is None:
+            row = self.durations[worker] = [0] * (len(LATENCY_BUCKETS) + 2)
+        row[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        row[-1] += seconds
+
+    def snapshot(self) -> Tuple[dict, dict]:
+        """Plain data to send elsewhere (see add)."""
+        return dict(self.counts), {w: list(row) for w, row in self.durations.items()}
+
+    def add(self, snapshot: Tuple[dict, dict]) -> None:
+        counts, durations = snapshot
+        for key, n in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        for worker, row in durations.items():
+            mine = self.durations.get(worker)
+            if mine is None:
+                self.durations[worker] = list(row)
+            else:
+                for i, value in enumerate(row):
+                    mine[i] += value
+
+
+class RequestCollector:
+    """Exposes the sum of several RequestStats as tqserver_requests_total and
+    tqserver_request_duration_seconds."""
+
+    def __init__(self, sources: Callable[[], Iterable[RequestStats]]) -> None:
+        self.sources = sources
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        total = RequestStats()
+        for stats in self.sources():
+            total.add(stats.snapshot())
+        requests = CounterMetricFamily("tqserver_requests", "Requests answered",
+                                       labels=["worker", "code"])
+        for (worker, code), n in sorted(total.counts.items()):
+            requests.add_metric([worker, str(code)], n)
+        duration = HistogramMetricFamily("tqserver_request_duration_seconds",
+                                         "Request duration", labels=["worker"])
+        for worker, row in sorted(total.durations.items()):
+            buckets, running = [], 0
+            for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), row):
+                running += n
+                buckets.append((floatToGoString(bound), running))
+            duration.add_metric([worker], buckets, row[-1])
+        yield requests
+        yield duration
 
 
 class Metrics:
@@ -14,10 +90,9 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.requests = Counter("tqserver_requests", "Requests answered", ["worker", "code"],
-                                registry=r)
-        self.duration = Histogram("tqserver_request_duration_seconds", "Request duration",
-                                  ["worker"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = RequestStats()     # answered by this process
+        self.elsewhere: Callable[[], Iterable[RequestStats]] = lambda: ()   # proxy processes
+        r.register(RequestCollector(lambda: [self.requests, *self.elsewhere()]))
         self.in_flight = Gauge("tqserver_requests_in_flight", "Requests in flight", ["worker"],
                                registry=r)
         self.instances = Gauge("tqserver_worker_instances", "Instances by state",
@@ -36,8 +111,7 @@ class Metrics:
                                      ["worker", "result"], registry=r)
 
     def observe_request(self, worker: str, code: int, seconds: float) -> None:
-        self.requests.labels(worker, str(code)).inc()
-        self.duration.labels(worker).observe(seconds)
+        self.requests.observe_request(worker, code, seconds)
 
     def refresh(self, pools) -> None:
         """Gauges that are cheaper to read at scrape time than to keep current."""
@@ -49,7 +123,7 @@ class Metrics:
                 states[inst.state] = states.get(inst.state, 0) + 1
             for state, n in states.items():
                 self.instances.labels(pool.name, state).set(n)
-            self.in_flight.labels(pool.name).set(sum(i.inflight for i in pool.instances))
+            self.in_flight.labels(pool.name).set(sum(i.inflight + i.inflight_elsewhere for i in pool.instances))
 
     def render(self, pools) -> bytes:
         self.refresh(pools)

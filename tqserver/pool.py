@@ -17,6 +17,7 @@ from .fingerprint import Fingerprint
 from .logs import DatedLogFile, resolve_template
 from .ports import PortsExhausted
 from .process import Instance
+from .rotation import Rotation
 from .runtimes import CannotBuild, Runtime
 
 log = Logger()
@@ -47,9 +48,11 @@ class PoolContext:
     changed: Callable[["WorkerPool", str], None] = lambda pool, what: None
     started: Callable[[Instance], None] = lambda inst: None
     exited: Callable[[Instance], None] = lambda inst: None
+    # Fires when no request is in flight on an instance anywhere (proxy processes included).
+    idle: Callable[[Instance], defer.Deferred] = lambda inst: inst.idle()
 
 
-class WorkerPool(Service):
+class WorkerPool(Rotation, Service):
     """One worker's instances. ``serving`` is the rotation the proxy picks from; it is only
     ever replaced whole, after the new instances answered their first health probe."""
 
@@ -72,7 +75,6 @@ class WorkerPool(Service):
         self._queue: Optional[Tuple[str, bool]] = None
         self._queue_waiters: List[defer.Deferred] = []
         self._serving_waiters: List[defer.Deferred] = []
-        self._rr = 0
         self._log_file: Optional[DatedLogFile] = None
         self._build_d: Optional[defer.Deferred] = None
         self.fingerprint: Optional[Fingerprint] = None
@@ -80,36 +82,13 @@ class WorkerPool(Service):
         self.last_swap_seconds: Optional[float] = None   # deploy start -> new code serving
         self._last_busy = 0.0
 
-    # -- what the proxy uses ---------------------------------------------------------
-    def pick(self) -> Optional[Instance]:
-        """The serving instance with the fewest requests in flight (round-robin on ties)."""
-        serving = self.serving
-        if len(serving) == 1:
-            return serving[0]
-        if not serving:
-            return None
-        self._rr = (self._rr + 1) % len(serving)
-        ordered = serving[self._rr:] + serving[:self._rr]
-        return min(ordered, key=lambda inst: inst.inflight)
-
-    def wait_serving(self, timeout: float) -> defer.Deferred:
-        """Fires with an instance once one is serving, or with None after ``timeout``."""
-        inst = self.pick()
-        if inst is not None or not self.running or not self._may_serve_soon():
-            return defer.succeed(inst)
-        d: defer.Deferred = defer.Deferred()
-        self._serving_waiters.append(d)
-
-        def expire() -> None:
-            if d in self._serving_waiters:
-                self._serving_waiters.remove(d)
-                d.callback(None)
-        call = self.ctx.reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
-
+    # -- what the proxy uses (and Rotation's pick/wait_serving) -------------------------
     def _may_serve_soon(self) -> bool:
-        return self.deploying or self._restart_call is not None
+        return self.running and (self.deploying or self._restart_call is not None)
+
+    @property
+    def _reactor(self):
+        return self.ctx.reactor
 
     @property
     def public_dir(self) -> str:
@@ -143,7 +122,7 @@ class WorkerPool(Service):
         exceed scaling.queue_threshold (one instance at a time)."""
         serving = self.serving
         scaling = self.spec.config.scaling
-        inflight = sum(i.inflight for i in serving)
+        inflight = sum(i.inflight + i.inflight_elsewhere for i in serving)
         now = self.ctx.reactor.seconds()
         if inflight > scaling.queue_threshold * (len(serving) - 1):
             self._last_busy = now     # this load needs every instance we have
@@ -167,7 +146,7 @@ class WorkerPool(Service):
         now = self.ctx.reactor.seconds()
         if now - self._last_busy < scaling.scale_down_delay:
             return
-        victim = min(serving, key=lambda inst: inst.inflight)
+        victim = min(serving, key=lambda inst: inst.inflight + inst.inflight_elsewhere)
         log.info("{worker}: load fits in {k} instance(s): scaling down ({id})",
                  worker=self.name, k=len(serving) - 1, id=victim.id)
         self._set_serving(tuple(i for i in serving if i is not victim))
@@ -269,6 +248,7 @@ class WorkerPool(Service):
 
     def _deploy_done(self, result):
         self.deploying = False
+        self.ctx.changed(self, "deployed")
         if self._queue is not None and self.running:
             (reason, build), self._queue = self._queue, None
             waiters, self._queue_waiters = self._queue_waiters, []
@@ -441,10 +421,10 @@ class WorkerPool(Service):
 
         async def drain() -> None:
             await task.deferLater(reactor, s.restart_delay_ms / 1000.0, lambda: None)
-            if inst.inflight:
+            idle = self.ctx.idle(inst)
+            if not idle.called:
                 grace = task.deferLater(reactor, self.runtime.drain_seconds(self.spec, s),
                                         lambda: None)
-                idle = inst.idle()
                 await defer.DeferredList([grace, idle], fireOnOneCallback=True,
                                          consumeErrors=True)
                 grace.cancel()
@@ -520,11 +500,7 @@ class WorkerPool(Service):
         self.serving = serving
         if serving:
             self._wake_waiters()
-
-    def _wake_waiters(self) -> None:
-        waiters, self._serving_waiters = self._serving_waiters, []
-        for d in waiters:
-            d.callback(self.pick())
+        self.ctx.changed(self, "serving")
 
     def _cwd(self) -> str:
         if self.spec.config.working_directory == "project":

@@ -99,6 +99,7 @@ class Instance(ProcessProtocol):
         self.files = tuple(files)   # generated for this instance (a php-fpm config...)
         self.state = "new"          # new -> starting -> ready -> draining -> stopping -> exited
         self.inflight = 0
+        self.inflight_elsewhere = 0  # in proxy processes (server.proxy_processes > 1)
         self.requests = 0
         self.health_failures = 0
         self.recycle_after = 0      # max_requests (with jitter); 0 = never
@@ -166,14 +167,27 @@ class Instance(ProcessProtocol):
 
     def request_finished(self) -> None:
         self.inflight -= 1
-        if (self.recycle_after and self.requests >= self.recycle_after
-                and self.on_request_limit is not None):
-            callback, self.on_request_limit = self.on_request_limit, None   # once
-            callback(self)
+        self._check_request_limit()
         if self.inflight == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(self)
+
+    def requests_elsewhere(self, finished: int, inflight: int) -> None:
+        """What proxy processes report (server.proxy_processes > 1): requests they sent
+        here since their last report, and how many are in flight now."""
+        self.inflight_elsewhere = inflight
+        if finished:
+            self.requests += finished
+            if self.on_request is not None:
+                self.on_request()
+            self._check_request_limit()
+
+    def _check_request_limit(self) -> None:
+        if (self.recycle_after and self.requests >= self.recycle_after
+                and self.on_request_limit is not None):
+            callback, self.on_request_limit = self.on_request_limit, None   # once
+            callback(self)
 
     def idle(self) -> defer.Deferred:
         """Fires when no request is in flight on this instance."""

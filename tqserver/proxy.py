@@ -32,7 +32,7 @@ HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
                         b"upgrade", b"proxy-connection", b"proxy"])
 _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-                        b"x-forwarded-prefix", b"x-request-id"])
+                        b"x-forwarded-prefix", b"x-request-id", b"x-tqserver-relay"])
 # twisted.web.http is wrapped in a deprecation proxy whose attribute lookups are slow;
 # bind the class once instead of on every call.
 _HTTPChannel = http.HTTPChannel
@@ -75,6 +75,9 @@ class Front:
         self.upstreams = UpstreamPool(reactor)
         self.fastcgi = FastCGIPool(reactor)
         self.reserved = None     # set by the supervisor: reserved.Reserved
+        # In a proxy process (server.proxy_processes > 1): request -> Forward that hands a
+        # reserved endpoint to the supervisor, which answers those.
+        self.relay: Optional[Callable[["ProxyRequest"], "Forward"]] = None
         from .fastcgi_forward import FastCGIForward
         self.forwards = {"php": FastCGIForward}   # worker type -> its Forward class
 
@@ -94,6 +97,8 @@ class Front:
         if self.reserved is not None:
             handler = self.reserved.match(path)
             if handler is not None:
+                if self.relay is not None:
+                    return self.relay(request)
                 request.renderer = handler
                 return None
         hit = self.supervisor.routes.match(path)
@@ -159,6 +164,8 @@ def send_error(request: "ProxyRequest", status: int, detail: str = "",
 
 class Forward(UpstreamSink):
     """One request on its way to an instance and its response on the way back."""
+
+    decorate = True    # dev mode: X-TQServer-Worker-* headers and the live-reload script
 
     def __init__(self, front: Front, request: "ProxyRequest", pool, route: str,
                  target: bytes, cfg) -> None:
@@ -325,7 +332,7 @@ class Forward(UpstreamSink):
                 if not (code == 101 and lname in (b"upgrade", b"connection")):
                     continue
             out.addRawHeader(name, value)
-        if self.front.dev:
+        if self.front.dev and self.decorate:
             inst = self.instance
             spec = self.pool.spec
             out.setRawHeaders(b"x-tqserver-worker-name", [spec.name.encode()])

@@ -111,7 +111,7 @@ class Reserved:
             info = pool.describe()
             info["instances"] = [{
                 "id": i.id, "port": i.port, "pid": i.pid, "state": i.state,
-                "in_flight": i.inflight, "requests": i.requests,
+                "in_flight": i.inflight + i.inflight_elsewhere, "requests": i.requests,
                 "health_failures": i.health_failures,
             } for i in sorted(pool.instances, key=lambda i: i.id)]
             info["build_output"] = pool.build_error

@@ -55,8 +55,10 @@ class Supervisor(MultiService):
         self.ctx = PoolContext(reactor=reactor, root=root, mode=mode, ports=self.ports,
                                settings=lambda: self.config.workers, probe=self.prober,
                                base_env=base_env, changed=self._pool_changed,
-                               started=self.records.record, exited=self.records.forget)
+                               started=self.records.record, exited=self.records.forget,
+                               idle=self._instance_idle)
         self.front = None   # the proxy's Front, set by tap.py
+        self.fleet = None   # proxy_fleet.ProxyFleet when server.proxy_processes > 1
         self.events = EventHub(reactor)
         self.config_listeners: List = []   # called with the new ServerConfig on reload
 
@@ -130,6 +132,12 @@ class Supervisor(MultiService):
     def publish_routes(self) -> None:
         """Swap in a new routing snapshot in one assignment."""
         self.routes = RoutingTable((pool.spec.route, pool) for pool in self.pools.values())
+        if self.fleet is not None:
+            self.fleet.publish()
+
+    def _instance_idle(self, inst) -> defer.Deferred:
+        """Fires once no request is in flight on ``inst``, in any proxy process."""
+        return inst.idle() if self.fleet is None else self.fleet.idle(inst)
 
     # -- reload ----------------------------------------------------------------------
     def reload_config(self) -> Optional[ServerConfig]:
@@ -146,6 +154,9 @@ class Supervisor(MultiService):
         old = self.config
         if (old.server.port, old.server.host) != (config.server.port, config.server.host):
             log.warn("server.port/host changed in {path}: restart TQServer to listen there",
+                     path=self.config_path)
+        if old.server.proxy_processes != config.server.proxy_processes:
+            log.warn("server.proxy_processes changed in {path}: it applies at the next start",
                      path=self.config_path)
         w = config.workers
         if (w.port_range_start, w.port_range_end) != (old.workers.port_range_start,
@@ -206,6 +217,8 @@ class Supervisor(MultiService):
                 self.events.publish("public", change.worker)
 
     def _pool_changed(self, pool: WorkerPool, what: str) -> None:
+        if self.fleet is not None:
+            self.fleet.publish()
         if what == "swap":
             self.events.publish("swap", pool.name)
             self.metrics.swap_duration.labels(pool.name).observe(pool.last_swap_seconds)

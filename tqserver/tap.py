@@ -21,6 +21,7 @@ from twisted.python import usage
 from .config import ConfigError, ServerConfig, default_server_config, load_server_config
 from .logs import ServerLogObserver, resolve_template
 from .proxy import Front, ProxySite
+from .proxy_fleet import ProxyFleet, proxy_process_count
 from .reserved import Reserved
 from .supervisor import Supervisor
 from .watch import DevWatcher, HangupReload
@@ -75,6 +76,13 @@ class Options(usage.Options):
             problem = _listen_problem(description)
             if problem:
                 raise fatal(problem)
+        self["proxy_processes"] = proxy_process_count(
+            self["server_config"].server.proxy_processes)
+        if self["proxy_processes"] > 1:
+            for description in self["listen"]:
+                if tcp_address(description) is None:
+                    raise fatal(f"--listen {description}: server.proxy_processes > 1 shares "
+                                "TCP listening sockets only (tcp: or tcp6: endpoints)")
         if self["reload"]:
             if self["mode"] != "dev":
                 raise fatal("--reload is for dev mode only")
@@ -149,6 +157,13 @@ def _listen_problem(description: str) -> Optional[str]:
     finally:
         sock.close()
     return None
+
+
+def listen_address(description: str) -> Tuple[str, int, int]:
+    """(host, port, address family) of a tcp:/tcp6: endpoint description."""
+    host, port = tcp_address(description)
+    family = socket.AF_INET6 if ":" in host or description.startswith("tcp6") else socket.AF_INET
+    return host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port, family
 
 
 def _public_url(listen: List[str]) -> str:
@@ -245,11 +260,17 @@ def makeService(options: Options):
         observer.set_file(resolve_template(new.server.log_file, root))
         site.timeout = new.server.idle_timeout_seconds   # for new connections
     supervisor.config_listeners.append(apply_server_config)
-    for description in options["listen"]:
-        endpoint = endpoints.serverFromString(reactor, description)
-        service = StreamServerEndpointService(endpoint, site)
-        service._raiseSynchronously = True
-        service.setServiceParent(top)
+    if options["proxy_processes"] > 1:
+        fleet = ProxyFleet(supervisor, reactor, [listen_address(d) for d in options["listen"]],
+                           options["proxy_processes"], quiet=options["quiet"])
+        fleet.setServiceParent(top)
+        supervisor.config_listeners.append(fleet.configure)
+    else:
+        for description in options["listen"]:
+            endpoint = endpoints.serverFromString(reactor, description)
+            service = StreamServerEndpointService(endpoint, site)
+            service._raiseSynchronously = True
+            service.setServiceParent(top)
     log.info("TQServer starting in {mode} mode, root {root}, listening on {listen}",
              mode=options["mode"], root=root, listen=", ".join(options["listen"]))
     return top

@@ -1,0 +1,58 @@
+"""Which instance of a worker takes the next request, and holding requests while none can.
+
+Shared by WorkerPool (the supervisor's own pools) and the mirrors of them that proxy
+processes keep (proxy_process.MirrorPool)."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from twisted.internet import defer
+
+
+class Rotation:
+    """Mixin: ``serving`` is the tuple of instances that take requests; subclasses say
+    whether one may come soon (``_may_serve_soon``) and give the reactor (``_reactor``)."""
+
+    serving: Tuple = ()
+    _rr = 0
+    _serving_waiters: List[defer.Deferred]
+
+    def pick(self):
+        """The serving instance with the fewest requests in flight (round-robin on ties)."""
+        serving = self.serving
+        if len(serving) == 1:
+            return serving[0]
+        if not serving:
+            return None
+        self._rr = (self._rr + 1) % len(serving)
+        ordered = serving[self._rr:] + serving[:self._rr]
+        return min(ordered, key=lambda inst: inst.inflight)
+
+    def wait_serving(self, timeout: float) -> defer.Deferred:
+        """Fires with an instance once one is serving, or with None after ``timeout`` (at
+        once when nothing is starting)."""
+        inst = self.pick()
+        if inst is not None or not self._may_serve_soon():
+            return defer.succeed(inst)
+        d: defer.Deferred = defer.Deferred()
+        self._serving_waiters.append(d)
+
+        def expire() -> None:
+            if d in self._serving_waiters:
+                self._serving_waiters.remove(d)
+                d.callback(None)
+        call = self._reactor.callLater(timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def _wake_waiters(self) -> None:
+        waiters, self._serving_waiters = self._serving_waiters, []
+        for d in waiters:
+            d.callback(self.pick())
+
+    def _may_serve_soon(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def _reactor(self):
+        raise NotImplementedError

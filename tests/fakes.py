@@ -22,8 +22,14 @@ class FakeProcessTransport:
         self.path = path
         self.ended = False
 
+    stdin = None   # set to a callable to receive what is written to the child's stdin
+
     def closeStdin(self) -> None:
         pass
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        assert fd == 0 and self.stdin is not None, fd
+        self.stdin(data)
 
     def signalProcess(self, sig) -> None:
         self.reactor.signals.append((self.pid, sig))

@@ -8,7 +8,7 @@ import os
 from twisted.internet import defer
 
 from .support import Client, processes_of, sleep, wait_until
-from .test_integration import PY_WORKER, IntegrationBase, d
+from .test_integration import PY_WORKER, EventStream, IntegrationBase, d
 
 
 def proxy_processes(root: str):
@@ -123,6 +123,49 @@ class ProxyProcessesTests(IntegrationBase):
         code, status = await client.get_json(project.url + "/_tqserver/api/status")
         self.assertEqual(code, 200)       # relayed to the supervisor, as a loopback client
         self.assertIn("app", status["workers"])
+        self.assertEqual(await stop_and_check(proc, project), 0)
+
+
+    def test_dev_edit_live_reload_and_server_config(self):
+        return d(self._dev())
+
+    async def _dev(self):
+        project = self.make_fleet_project()
+        html_worker = PY_WORKER.replace('"text/plain"', '"text/html; charset=utf-8"').replace(
+            '"python %s %s"', '"<html><body>page %s %s</body></html>"')
+        project.write("workers/app/src/main.py", html_worker)
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        response, body = await client.get(project.url + "/app/")
+        self.assertIn(b"TQServer live reload", body)
+        self.assertEqual(response.headers.getRawHeaders(b"x-tqserver-worker-name"), [b"app"])
+
+        events = EventStream(project.port, "/_tqserver/events")   # relayed to the supervisor
+        self.addCleanup(events.close)
+        await events.connected
+        await wait_until(events.saw(b"200 OK"), 10, "the event stream", proc)
+        load = Load(self, project.url + "/app/x")
+        main = os.path.join(project.root, "workers", "app", "src", "main.py")
+        with open(main, "w") as f:
+            f.write(html_worker.replace("page %s", "v2 %s"))
+        await wait_until(events.saw(b'"swap"'), 30, "a swap event", proc)
+
+        async def served():
+            response, body = await client.get(project.url + "/app/x")
+            return b"v2 /x" in body
+        await wait_until(served, 30, "the edited code", proc)
+        await load.stop()
+        self.assertEqual(load.failures, [])
+
+        config = os.path.join(project.root, "etc", "server.yaml")
+        with open(config, "a") as f:
+            f.write("health:\n  path: /healthz\n")
+
+        async def moved():          # the new server.yaml reached the proxy processes too
+            response, _ = await client.get(project.url + "/healthz")
+            return response.code == 200
+        await wait_until(moved, 10, "the new health path", proc)
         self.assertEqual(await stop_and_check(proc, project), 0)
 
 

@@ -78,3 +78,20 @@ class OptionsTests(unittest.TestCase):
         with self.assertRaises(SystemExit) as ctx:
             self.parse("--mode", "prod", "--reload")
         self.assertIn("dev mode only", str(ctx.exception.code))
+
+    def test_proxy_processes_share_tcp_sockets_only(self) -> None:
+        with open(os.path.join(self.root, "etc", "server.yaml"), "w") as f:
+            f.write("server:\n  proxy_processes: 2\n")
+        self.assertEqual(self.parse()["proxy_processes"], 2)
+        with self.assertRaises(SystemExit) as ctx:
+            self.parse("--listen", "unix:" + os.path.join(self.root, "s.sock"))
+        self.assertIn("proxy_processes > 1 shares TCP listening sockets only",
+                      str(ctx.exception.code))
+
+    def test_listen_address(self) -> None:
+        import socket
+        from tqserver.tap import listen_address
+        self.assertEqual(listen_address("tcp:8080"), ("0.0.0.0", 8080, socket.AF_INET))
+        self.assertEqual(listen_address("tcp6:8080"), ("::", 8080, socket.AF_INET6))
+        self.assertEqual(listen_address("tcp:port=81:interface=127.0.0.1"),
+                         ("127.0.0.1", 81, socket.AF_INET))

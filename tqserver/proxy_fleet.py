@@ -16,6 +16,7 @@ import socket
 import sys
 from typing import Dict, List
 
+import psutil
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
@@ -36,8 +37,8 @@ def proxy_process_count(setting) -> int:
     """server.proxy_processes: an integer, or "auto" for one per usable core."""
     if setting == "auto":
         try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:   # not Linux
+            return len(psutil.Process().cpu_affinity())
+        except (AttributeError, psutil.Error):   # no affinity on this platform
             return os.cpu_count() or 1
     return int(setting)
 

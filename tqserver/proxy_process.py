@@ -210,8 +210,8 @@ class ProxyProcess(QuietAMP):
             if instance_id not in current:
                 self._retire(inst)
         self.pools, self.instances = new_pools, current
-        if not self.ports and self.site is not None:
-            self._listen()
+        if not self.reporter.running and self.site is not None and not self.stopping:
+            self._listen()     # the first table: now requests can be routed
         return {}
 
     @Idle.responder

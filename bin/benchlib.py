@@ -123,6 +123,32 @@ class CpuWindow:
         self.process = (test - self.test0) / wall
 
 
+def pids_with_env(name: str, value: str) -> List[int]:
+    """Processes whose environment has name=value (a supervisor's instances carry
+    TQSERVER_ROOT=<its root>, and keep it when the supervisor died and they were orphaned)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if wanted in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def kill_groups(pids: Sequence[int]) -> None:
+    """SIGKILL each process and the process group it leads."""
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of one process (0 when it is gone)."""
     try:

@@ -1,11 +1,15 @@
-"""The aggregated /health answer and the treq prober against real loopback servers."""
+"""The aggregated /health answer, the HealthChecker's rounds (task.Clock), and the HTTP
+prober against real loopback servers."""
 from __future__ import annotations
 
-from twisted.internet import defer, reactor
+from types import SimpleNamespace
+
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from tqserver.health import Prober, aggregate
+from tqserver import health
+from tqserver.health import HealthChecker, Prober, aggregate
 
 
 class FakePool:
@@ -42,14 +46,29 @@ class Status(resource.Resource):
         super().__init__()
         self.code = code
         self.hang = hang
+        self.chunked = False      # no Content-Length: HTTP/1.1 chunked
+        self.close = False        # Connection: close
         self.pending = []
+        self.channels = []        # the server side of every request, in order
 
     def render_GET(self, request):
+        self.channels.append(request.channel)
         if self.hang:
             self.pending.append(request)
             return server.NOT_DONE_YET
         request.setResponseCode(self.code)
+        if self.close:
+            request.setHeader(b"connection", b"close")
+        if self.chunked:
+            request.write(b"o")
+            request.write(b"k")
+            request.finish()
+            return server.NOT_DONE_YET
         return b"ok"
+
+    @property
+    def connections(self) -> int:
+        return len(set(map(id, self.channels)))
 
 
 class Target:
@@ -66,6 +85,13 @@ class ProberTests(unittest.TestCase):
         port = reactor.listenTCP(0, server.Site(res), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port
+
+    @defer.inlineCallbacks
+    def probe_times(self, port: int, n: int):
+        results = []
+        for _ in range(n):
+            results.append((yield self.prober(Target(port), "/health", 2.0)))
+        return results
 
     @defer.inlineCallbacks
     def test_200_is_healthy(self):
@@ -93,3 +119,129 @@ class ProberTests(unittest.TestCase):
         for request in res.pending:
             if not request._disconnected:
                 request.finish()
+
+    @defer.inlineCallbacks
+    def test_connection_kept_between_probes(self):
+        res = Status(200)
+        port = self.listen(res)
+        self.assertEqual((yield self.probe_times(port, 3)), [True] * 3)
+        self.assertEqual(res.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_fresh_connection_every_reuse_probes(self):
+        # so that an instance that can no longer accept() fails its probes
+        res = Status(200)
+        port = self.listen(res)
+        self.assertEqual((yield self.probe_times(port, health.REUSE + 1)), [True] * (health.REUSE + 1))
+        self.assertEqual(res.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_kept_connection_closed_by_the_instance(self):
+        res = Status(200)
+        port = self.listen(res)
+        self.assertTrue((yield self.prober(Target(port), "/health", 2.0)))
+        res.channels[-1].transport.loseConnection()     # an idle timeout, say
+        self.assertTrue((yield self.prober(Target(port), "/health", 2.0)))
+        self.assertEqual(res.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_connection_close_is_honoured(self):
+        res = Status(200)
+        res.close = True
+        port = self.listen(res)
+        self.assertEqual((yield self.probe_times(port, 2)), [True, True])
+        self.assertEqual(res.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_chunked_answer(self):
+        res = Status(200)
+        res.chunked = True
+        port = self.listen(res)
+        self.assertEqual((yield self.probe_times(port, 2)), [True, True])
+        self.assertEqual(res.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_unhealthy_answer_drops_the_connection(self):
+        res = Status(500)
+        port = self.listen(res)
+        self.assertEqual((yield self.probe_times(port, 2)), [False, False])
+        self.assertEqual(res.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_timeout_on_a_kept_connection(self):
+        res = Status(200)
+        port = self.listen(res)
+        self.assertTrue((yield self.prober(Target(port), "/health", 2.0)))
+        res.hang = True
+        self.assertFalse((yield self.prober(Target(port), "/health", 0.2)))
+        res.hang = False
+        self.assertTrue((yield self.prober(Target(port), "/health", 2.0)))
+        self.assertEqual(res.connections, 2)
+        for request in res.pending:
+            if not request._disconnected:
+                request.finish()
+
+
+class CheckedPool:
+    """What the HealthChecker uses of a WorkerPool."""
+
+    def __init__(self, n: int) -> None:
+        self.spec = SimpleNamespace(config=SimpleNamespace(health_path="/health"))
+        self.serving = tuple(SimpleNamespace(id=f"i{k}", port=k, health_failures=0)
+                             for k in range(n))
+        self.replaced = []
+
+    def maybe_scale_down(self) -> None:
+        pass
+
+    def check_memory(self, inst) -> None:
+        pass
+
+    def replace(self, inst, reason: str) -> None:
+        self.replaced.append(inst)
+
+
+class HealthCheckerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.probed = []      # (time, port)
+        self.answers = {}     # port -> bool (default healthy)
+        self.pool = CheckedPool(4)
+        settings = SimpleNamespace(health_check_interval_ms=1000, health_check_timeout_ms=500,
+                                   health_check_failures=2)
+        self.checker = HealthChecker(self.clock, lambda: [self.pool], self.probe,
+                                     lambda: settings)
+        self.checker.startService()
+        self.addCleanup(lambda: self.checker.running and self.checker.stopService())
+
+    def probe(self, inst, path: str, timeout: float) -> defer.Deferred:
+        self.probed.append((self.clock.seconds(), inst.port))
+        return defer.succeed(self.answers.get(inst.port, True))
+
+    def test_probes_spread_over_half_the_interval(self) -> None:
+        self.clock.advance(1)
+        self.assertEqual(self.probed, [(1.0, 0)])
+        self.clock.pump([0.125] * 3)
+        self.assertEqual(self.probed, [(1.0, 0), (1.125, 1), (1.25, 2), (1.375, 3)])
+        self.assertEqual(self.checker.checks, {"ok": 4, "fail": 0})
+        self.clock.advance(0.625)      # the next round
+        self.assertEqual(self.probed[-1], (2.0, 0))
+
+    def test_failures_counted_per_round(self) -> None:
+        self.answers[2] = False
+        self.clock.pump([1] + [0.125] * 3 + [0.625] + [0.125] * 3)
+        self.assertEqual(self.pool.replaced, [self.pool.serving[2]])
+        self.assertEqual(self.checker.checks, {"ok": 6, "fail": 2})
+
+    def test_instance_out_of_rotation_before_its_turn_is_not_probed(self) -> None:
+        self.clock.advance(1)
+        self.pool.serving = self.pool.serving[:2]
+        self.clock.pump([0.125] * 3)
+        self.assertEqual([port for _, port in self.probed], [0, 1])
+
+    def test_stop_cancels_the_probes_not_started(self) -> None:
+        self.clock.advance(1)
+        self.checker.stopService()
+        self.clock.pump([0.125] * 4)
+        self.assertEqual(self.probed, [(1.0, 0)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

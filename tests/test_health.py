@@ -203,10 +203,11 @@ class CheckedPool:
 
 class HealthCheckerTests(unittest.TestCase):
     def setUp(self) -> None:
+        self.patch(health, "BATCH", 2)
         self.clock = task.Clock()
         self.probed = []      # (time, port)
         self.answers = {}     # port -> bool (default healthy)
-        self.pool = CheckedPool(4)
+        self.pool = CheckedPool(8)
         settings = SimpleNamespace(health_check_interval_ms=1000, health_check_timeout_ms=500,
                                    health_check_failures=2)
         self.checker = HealthChecker(self.clock, lambda: [self.pool], self.probe,
@@ -218,30 +219,37 @@ class HealthCheckerTests(unittest.TestCase):
         self.probed.append((self.clock.seconds(), inst.port))
         return defer.succeed(self.answers.get(inst.port, True))
 
-    def test_probes_spread_over_half_the_interval(self) -> None:
+    def test_batches_spread_over_half_the_interval(self) -> None:
         self.clock.advance(1)
-        self.assertEqual(self.probed, [(1.0, 0)])
+        self.assertEqual(self.probed, [(1.0, 0), (1.0, 1)])
         self.clock.pump([0.125] * 3)
-        self.assertEqual(self.probed, [(1.0, 0), (1.125, 1), (1.25, 2), (1.375, 3)])
-        self.assertEqual(self.checker.checks, {"ok": 4, "fail": 0})
+        self.assertEqual(self.probed[2:], [(1.125, 2), (1.125, 3), (1.25, 4), (1.25, 5),
+                                           (1.375, 6), (1.375, 7)])
+        self.assertEqual(self.checker.checks, {"ok": 8, "fail": 0})
         self.clock.advance(0.625)      # the next round
-        self.assertEqual(self.probed[-1], (2.0, 0))
+        self.assertEqual(self.probed[-2:], [(2.0, 0), (2.0, 1)])
+
+    def test_one_batch_at_once(self) -> None:
+        self.pool.serving = self.pool.serving[:2]
+        self.clock.advance(1)
+        self.assertEqual(self.probed, [(1.0, 0), (1.0, 1)])
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 2.0)   # the next round only
 
     def test_failures_counted_per_round(self) -> None:
-        self.answers[2] = False
-        self.clock.pump([1] + [0.125] * 3 + [0.625] + [0.125] * 3)
-        self.assertEqual(self.pool.replaced, [self.pool.serving[2]])
-        self.assertEqual(self.checker.checks, {"ok": 6, "fail": 2})
+        self.answers[3] = False
+        self.clock.pump([1, 0.125, 0.125, 0.125, 0.625, 0.125, 0.125, 0.125])
+        self.assertEqual(self.pool.replaced, [self.pool.serving[3]])
+        self.assertEqual(self.checker.checks, {"ok": 14, "fail": 2})
 
     def test_instance_out_of_rotation_before_its_turn_is_not_probed(self) -> None:
         self.clock.advance(1)
-        self.pool.serving = self.pool.serving[:2]
+        self.pool.serving = self.pool.serving[:3]
         self.clock.pump([0.125] * 3)
-        self.assertEqual([port for _, port in self.probed], [0, 1])
+        self.assertEqual([port for _, port in self.probed], [0, 1, 2])
 
     def test_stop_cancels_the_probes_not_started(self) -> None:
         self.clock.advance(1)
         self.checker.stopService()
         self.clock.pump([0.125] * 4)
-        self.assertEqual(self.probed, [(1.0, 0)])
+        self.assertEqual(len(self.probed), 2)
         self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -132,7 +132,8 @@ class ProberTests(unittest.TestCase):
         # so that an instance that can no longer accept() fails its probes
         res = Status(200)
         port = self.listen(res)
-        self.assertEqual((yield self.probe_times(port, health.REUSE + 1)), [True] * (health.REUSE + 1))
+        n = health.REUSE + 1
+        self.assertEqual((yield self.probe_times(port, n)), [True] * n)
         self.assertEqual(res.connections, 2)
 
     @defer.inlineCallbacks

@@ -28,7 +28,8 @@ class _ProbeConnection(Protocol):
     kept for the instance's next probe (up to REUSE probes), unless the instance said
     ``Connection: close``."""
 
-    def __init__(self, prober: "Prober", port: int, made: Callable[["_ProbeConnection"], None]) -> None:
+    def __init__(self, prober: "Prober", port: int,
+                 made: Callable[["_ProbeConnection"], None]) -> None:
         self.prober = prober
         self.port = port
         self.made = made

@@ -71,7 +71,13 @@ class Supervisor(MultiService):
     def startService(self) -> None:
         self.records.reap()
         MultiService.startService(self)
-        self.sync_workers()
+        # Once the reactor runs: twistd installs its SIGTERM/SIGINT handlers then, so a
+        # signal during a long first spawn (hundreds of instances) still stops them all.
+        self.reactor.callWhenRunning(self._start_workers)
+
+    def _start_workers(self) -> None:
+        if self.running:
+            self.sync_workers()
 
     def stopService(self) -> defer.Deferred:
         d = defer.maybeDeferred(MultiService.stopService, self)

@@ -1274,6 +1274,9 @@ class ConnectRaceTests(unittest.TestCase):
         attempt = self.attempt
 
         class Upstreams:
+            def take_idle(self, port):
+                return None
+
             def acquire(self, port):
                 return attempt
 

@@ -24,6 +24,7 @@ from .events import live_reload_snippet
 from .fastcgi import FastCGIPool
 from .router import strip_prefix
 from .upstream import UpstreamConnection, UpstreamPool, UpstreamSink
+from .wire import write_now
 
 log = Logger()
 
@@ -164,6 +165,7 @@ class Forward(UpstreamSink):
                  target: bytes, cfg) -> None:
         self.front = front
         self.request = request
+        self.channel = getattr(request, "channel", None)   # a finished request forgets it
         self.pool = pool
         self.route = route
         self.target = target
@@ -215,9 +217,17 @@ class Forward(UpstreamSink):
         self.instance_id = inst.id
         self.attempts += 1
         inst.request_started()
+        conn = self._idle_connection(inst)
+        if conn is not None:   # the usual case: no Deferred, no pause
+            self._connected(conn)
+            return
         self.request.pause_reading()
         d = self._acquire(inst)
         d.addCallbacks(self._connected, self._connect_failed)
+
+    def _idle_connection(self, inst) -> Optional[UpstreamConnection]:
+        """A kept-alive connection to ``inst`` ready now, if there is one."""
+        return self.front.upstreams.take_idle(inst.port)
 
     def _acquire(self, inst) -> defer.Deferred:
         """A connection to ``inst`` (pooled HTTP/1.1 here; FastCGI in FastCGIForward)."""
@@ -339,6 +349,9 @@ class Forward(UpstreamSink):
             self.upgrade_head = (code, reason, headers)
         else:
             request.registerProducer(self.conn, True)
+            if self.conn.flushes_sink:
+                # The head and what follows of the body in this read go out in one send.
+                self.channel.cork()
 
     def _wants_live_reload(self, code: int, out) -> bool:
         """Dev: a full HTML page gets the live-reload script appended (browsers run a
@@ -353,6 +366,11 @@ class Forward(UpstreamSink):
 
     def upstream_data(self, data: bytes) -> None:
         self.request.write(data)
+
+    def upstream_flush(self) -> None:
+        channel = self.channel
+        if channel is not None:
+            channel.flush()
 
     def upstream_done(self) -> None:
         if self.has_body and not self.body_complete and self.conn is not None:
@@ -370,6 +388,7 @@ class Forward(UpstreamSink):
         if self.live_reload:
             request.write(self.front.live_reload_snippet(self.pool.name))
         request.finish_when_read()
+        self.upstream_flush()
 
     def upstream_failed(self, reason: Failure, retryable: bool) -> None:
         conn, self.conn = self.conn, None
@@ -650,9 +669,72 @@ class ProxyRequest(server.Request):
 
 class ProxyChannel(_HTTPChannel):
     """HTTPChannel that hands the request its method and target when the head is complete,
-    enforces the whole-request read timeout, and answers 431 for oversized heads."""
+    enforces the whole-request read timeout, and answers 431 for oversized heads.
+
+    A Forward may *cork* the channel while it relays one read of a response: what the
+    request writes (head, body, chunk framing) collects here and leaves in one send at
+    ``flush()``, which the Forward calls at the end of each read from the instance; the
+    end of the request, a reject and loseConnection flush first, so nothing is reordered."""
 
     _read_timer = None
+    _cork: Optional[list] = None
+    _host = None
+    _peer = None
+
+    # Request.__init__ asks for both on every request; a TCP connection's addresses do
+    # not change (getHost is a getsockname() call each time).
+    def getHost(self):
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    def cork(self) -> None:
+        if self._cork is None:
+            self._cork = []
+
+    def flush(self) -> None:
+        cork = self._cork
+        if cork is not None:
+            self._cork = None
+            if cork and self.transport is not None:
+                write_now(self.transport, b"".join(cork))
+
+    def write(self, data: bytes) -> None:
+        if self._cork is not None:
+            if data:
+                self._cork.append(data)
+        else:
+            self.transport.write(data)
+
+    def writeSequence(self, iovec) -> None:
+        if self._cork is not None:
+            self._cork.extend(iovec)
+        else:
+            self.transport.writeSequence(iovec)
+
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        if self._cork is None:
+            _HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        out = self._cork
+        out += (version, b" ", code, b" ", reason, b"\r\n")
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                out += (name, b": ", value, b"\r\n")
+        out.append(b"\r\n")
+
+    def requestDone(self, request) -> None:
+        self.flush()
+        _HTTPChannel.requestDone(self, request)
+
+    def loseConnection(self) -> None:
+        self.flush()
+        return _HTTPChannel.loseConnection(self)
 
     def lineReceived(self, line: bytes) -> None:
         if self._read_timer is None and line:
@@ -707,6 +789,7 @@ class ProxyChannel(_HTTPChannel):
         """A minimal response for a request we will not read further; closes the connection."""
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return
+        self.flush()
         reason = pages.REASONS.get(status, "Error").encode()
         body = b"%d %s\n" % (status, reason)
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d"
@@ -714,6 +797,7 @@ class ProxyChannel(_HTTPChannel):
         self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
+        self._cork = None
         if self._read_timer is not None and self._read_timer.active():
             self._read_timer.cancel()
         self._read_timer = None

@@ -20,6 +20,7 @@ from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
 
 from . import pages, static
+from .deadlines import Deadlines
 from .events import live_reload_snippet
 from .fastcgi import FastCGIPool
 from .router import strip_prefix
@@ -74,6 +75,7 @@ class Front:
         self.supervisor = supervisor
         self.reactor = reactor
         self.upstreams = UpstreamPool(reactor)
+        self.deadlines = Deadlines(reactor)   # the per-request timeouts (read, idle, write)
         self.fastcgi = FastCGIPool(reactor)
         self.reserved = None     # set by the supervisor: reserved.Reserved
         from .fastcgi_forward import FastCGIForward
@@ -179,7 +181,7 @@ class Forward(UpstreamSink):
         self.body_complete = False
         self.response_started = False
         self.done = False
-        self.timeout_call = None
+        self.timing = False   # the write timeout is armed (in front.deadlines)
         self.head: Optional[bytes] = None
         self.upgrade_head = None
         self.live_reload = False
@@ -293,8 +295,9 @@ class Forward(UpstreamSink):
             self.request.finish_when_read()
 
     def _arm_timeout(self) -> None:
-        if self.timeout_call is None and not self.response_started:
-            self.timeout_call = self.front.reactor.callLater(self._write_timeout(), self._timed_out)
+        if not self.timing and not self.response_started:
+            self.timing = True
+            self.front.deadlines.set(self._timed_out, self._write_timeout())
 
     def _write_timeout(self) -> float:
         """worker.yaml's timeouts.write_timeout_seconds when it sets one, else the server's."""
@@ -304,7 +307,7 @@ class Forward(UpstreamSink):
         return self.cfg.server.write_timeout_seconds
 
     def _timed_out(self) -> None:
-        self.timeout_call = None
+        self.timing = False
         if self.response_started or self.done:
             return
         self._abandon()
@@ -312,9 +315,9 @@ class Forward(UpstreamSink):
 
     # -- response side (UpstreamSink) ------------------------------------------------
     def upstream_response(self, code: int, reason: bytes, headers) -> None:
-        if self.timeout_call is not None:
-            self.timeout_call.cancel()
-            self.timeout_call = None
+        if self.timing:
+            self.timing = False
+            self.front.deadlines.cancel(self._timed_out)
         request = self.request
         if request._disconnected:
             return
@@ -441,9 +444,9 @@ class Forward(UpstreamSink):
 
     def _end(self) -> None:
         self.done = True
-        if self.timeout_call is not None:
-            self.timeout_call.cancel()
-            self.timeout_call = None
+        if self.timing:
+            self.timing = False
+            self.front.deadlines.cancel(self._timed_out)
 
     def client_gone(self) -> None:
         """The client disconnected: cancel the upstream request."""
@@ -676,7 +679,8 @@ class ProxyChannel(_HTTPChannel):
     ``flush()``, which the Forward calls at the end of each read from the instance; the
     end of the request, a reject and loseConnection flush first, so nothing is reordered."""
 
-    _read_timer = None
+    _reading = False      # a request is being read: its read timeout is armed
+    _idle = False         # the idle timeout (TimeoutMixin's) is armed
     _cork: Optional[list] = None
     _host = None
     _peer = None
@@ -736,10 +740,33 @@ class ProxyChannel(_HTTPChannel):
         self.flush()
         return _HTTPChannel.loseConnection(self)
 
+    # -- timeouts: in the Front's Deadlines, not a DelayedCall per request ------------
+    def setTimeout(self, period):
+        """TimeoutMixin.setTimeout (the idle timeout, ``timeoutConnection``)."""
+        prev, self.timeOut = self.timeOut, period
+        if period is None:
+            if self._idle:
+                self._idle = False
+                self.site.front.deadlines.cancel(self._idle_timed_out)
+        else:
+            self._idle = True
+            self.site.front.deadlines.set(self._idle_timed_out, period)
+        return prev
+
+    def resetTimeout(self) -> None:
+        if self._idle and self.timeOut is not None:
+            self.site.front.deadlines.reset(self._idle_timed_out, self.timeOut)
+
+    def _idle_timed_out(self) -> None:
+        self._idle = False
+        self.timeoutConnection()
+
     def lineReceived(self, line: bytes) -> None:
-        if self._read_timer is None and line:
-            timeout = self.site.front.supervisor.config.server.read_timeout_seconds
-            self._read_timer = self.callLater(timeout, self._read_timed_out)
+        if not self._reading and line:
+            front = self.site.front
+            self._reading = True
+            front.deadlines.set(self._read_timed_out,
+                                front.supervisor.config.server.read_timeout_seconds)
         return _HTTPChannel.lineReceived(self, line)
 
     def allHeadersReceived(self) -> None:
@@ -755,14 +782,13 @@ class ProxyChannel(_HTTPChannel):
         self.allContentReceived()
 
     def allContentReceived(self) -> None:
-        if self._read_timer is not None:
-            if self._read_timer.active():
-                self._read_timer.cancel()
-            self._read_timer = None
+        if self._reading:
+            self._reading = False
+            self.site.front.deadlines.cancel(self._read_timed_out)
         _HTTPChannel.allContentReceived(self)
 
     def _read_timed_out(self) -> None:
-        self._read_timer = None
+        self._reading = False
         self.reject(408)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -798,10 +824,10 @@ class ProxyChannel(_HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._cork = None
-        if self._read_timer is not None and self._read_timer.active():
-            self._read_timer.cancel()
-        self._read_timer = None
-        _HTTPChannel.connectionLost(self, reason)
+        if self._reading:
+            self._reading = False
+            self.site.front.deadlines.cancel(self._read_timed_out)
+        _HTTPChannel.connectionLost(self, reason)   # setTimeout(None): the idle timeout
 
 
 class ProxySite(server.Site):

@@ -32,12 +32,20 @@ class Metrics:
                                        "From deploy start to the new instances serving",
                                        ["worker"], buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30),
                                        registry=r)
+        self._request_children: dict = {}
         self.health_checks = Counter("tqserver_health_checks", "Health probes",
                                      ["worker", "result"], registry=r)
 
     def observe_request(self, worker: str, code: int, seconds: float) -> None:
-        self.requests.labels(worker, str(code)).inc()
-        self.duration.labels(worker).observe(seconds)
+        # The labelled children, looked up once per (worker, code): labels() takes a lock
+        # and builds the label tuple on every call.
+        key = (worker, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(worker, str(code)), self.duration.labels(worker))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def refresh(self, pools) -> None:
         """Gauges that are cheaper to read at scrape time than to keep current."""

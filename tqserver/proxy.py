@@ -35,6 +35,8 @@ HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-authenticate",
                         b"upgrade", b"proxy-connection", b"proxy"])
 _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                         b"x-forwarded-prefix", b"x-request-id"])
+# Request headers never relayed as they are (Transfer-Encoding: the body is re-framed).
+_NOT_RELAYED = HOP_BY_HOP | _FORWARDED
 # twisted.web.http is wrapped in a deprecation proxy whose attribute lookups are slow;
 # bind the class once instead of on every call.
 _HTTPChannel = http.HTTPChannel
@@ -464,55 +466,61 @@ class Forward(UpstreamSink):
     # -- the upstream request head ---------------------------------------------------
     def _build_head(self):
         request = self.request
-        lines = [request.method + b" " + self.target + b" HTTP/1.1"]
-        connection_tokens = set()
-        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
-            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        headers = request.requestHeaders
+        out = [request.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        connection_tokens = ()
+        connection = headers.getRawHeaders(b"connection")
+        if connection:
+            connection_tokens = {t.strip().lower() for value in connection
+                                 for t in value.split(b",")}
         has_body = False
         chunked = False
-        upgrade = b"upgrade" in connection_tokens and request.requestHeaders.hasHeader(b"upgrade")
-        for name, values in request.requestHeaders.getAllRawHeaders():
+        upgrade = b"upgrade" in connection_tokens and headers.hasHeader(b"upgrade")
+        for name, values in headers.getAllRawHeaders():
             lname = name.lower()
-            if lname in _FORWARDED:
+            if lname in _NOT_RELAYED:
+                if lname == b"transfer-encoding":
+                    chunked = any(b"chunked" in v.lower() for v in values)
                 continue
-            if lname == b"transfer-encoding":
-                chunked = any(b"chunked" in v.lower() for v in values)
-                continue
-            if lname in HOP_BY_HOP or lname in connection_tokens:
+            if lname in connection_tokens:
                 continue
             if lname == b"content-length":
                 has_body = values[0].strip() not in (b"0", b"")
             for value in values:
-                lines.append(name + b": " + value)
+                out += (name, b": ", value, b"\r\n")
         if chunked:
             has_body = True
-            lines.append(b"Transfer-Encoding: chunked")
+            out.append(b"Transfer-Encoding: chunked\r\n")
         if upgrade:
-            lines.append(b"Connection: upgrade")
-            for value in request.requestHeaders.getRawHeaders(b"upgrade"):
-                lines.append(b"Upgrade: " + value)
-        lines.extend(name + b": " + value for name, value in self.forwarded_headers())
-        return b"\r\n".join(lines) + b"\r\n\r\n", has_body, chunked
+            out.append(b"Connection: upgrade\r\n")
+            for value in headers.getRawHeaders(b"upgrade"):
+                out += (b"Upgrade: ", value, b"\r\n")
+        for name, value in self.forwarded_headers():
+            out += (name, b": ", value, b"\r\n")
+        out.append(b"\r\n")
+        return b"".join(out), has_body, chunked
 
     def forwarded_headers(self):
         """X-Forwarded-For/-Proto/-Host/-Prefix and X-Request-ID as this proxy sets them: the
         client's own values count only from server.trusted_proxies."""
         request = self.request
         client = request.client_ip
-        trusted = client in self.cfg.server.trusted_proxies
         headers = request.requestHeaders
-
-        def incoming(name: bytes):
-            return headers.getRawHeaders(name) if trusted else None
-        out = []
         client_b = client.encode()
-        xff = incoming(b"x-forwarded-for")
-        out.append((b"X-Forwarded-For", b", ".join(xff) + b", " + client_b if xff else client_b))
-        proto = incoming(b"x-forwarded-proto")
-        out.append((b"X-Forwarded-Proto", proto[0] if proto else
-                    (b"https" if request.isSecure() else b"http")))
-        fhost = incoming(b"x-forwarded-host")
-        host = headers.getRawHeaders(b"host", [b""])[0]
+        proto = b"https" if request.isSecure() else b"http"
+        host = headers.getRawHeaders(b"host")
+        host = host[0] if host else b""
+        fhost = None
+        trusted = self.cfg.server.trusted_proxies
+        if trusted and client in trusted:
+            xff = headers.getRawHeaders(b"x-forwarded-for")
+            if xff:
+                client_b = b", ".join(xff) + b", " + client_b
+            given = headers.getRawHeaders(b"x-forwarded-proto")
+            if given:
+                proto = given[0]
+            fhost = headers.getRawHeaders(b"x-forwarded-host")
+        out = [(b"X-Forwarded-For", client_b), (b"X-Forwarded-Proto", proto)]
         if fhost or host:
             out.append((b"X-Forwarded-Host", fhost[0] if fhost else host))
         if self.pool.spec.config.strip_prefix and self.route != "/":
@@ -684,6 +692,7 @@ class ProxyChannel(_HTTPChannel):
     _cork: Optional[list] = None
     _host = None
     _peer = None
+    _secure = None
 
     # Request.__init__ asks for both on every request; a TCP connection's addresses do
     # not change (getHost is a getsockname() call each time).
@@ -696,6 +705,11 @@ class ProxyChannel(_HTTPChannel):
         if self._peer is None:
             self._peer = self.transport.getPeer()
         return self._peer
+
+    def isSecure(self) -> bool:
+        if self._secure is None:   # an interface adaptation each time otherwise
+            self._secure = _HTTPChannel.isSecure(self)
+        return self._secure
 
     def cork(self) -> None:
         if self._cork is None:

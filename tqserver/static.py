@@ -64,7 +64,10 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     a directory without one is left to the worker (relative links in an
     index page would break without the slash).
     """
-    decoded = os.fsdecode(unquote_to_bytes(subpath))
+    if isinstance(subpath, bytes) and b"%" not in subpath:
+        decoded = os.fsdecode(subpath)   # nothing to unquote (the usual case)
+    else:
+        decoded = os.fsdecode(unquote_to_bytes(subpath))
     if "\x00" in decoded or "\\" in decoded:
         return None
     parts = [p for p in decoded.split("/") if p]
@@ -75,10 +78,12 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
         return None  # a script: refused before any filesystem call
     # Most requests under a worker's route are not files: one stat answers them before
     # the realpath() calls (an lstat per path component each) that the safe answer needs.
-    candidate = os.path.join(public_dir, *parts)
+    candidate = os.path.join(public_dir, "/".join(parts)) if parts else public_dir
     if decoded.endswith("/"):
         candidate = os.path.join(candidate, "index.html")
-    if not os.path.exists(candidate):
+    try:
+        os.stat(candidate)
+    except (OSError, ValueError):
         return None
     root = os.path.realpath(public_dir)
     candidate = os.path.join(root, os.path.relpath(candidate, public_dir))

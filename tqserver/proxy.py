@@ -37,6 +37,8 @@ _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-
                         b"x-forwarded-prefix", b"x-request-id"])
 # Request headers never relayed as they are (Transfer-Encoding: the body is re-framed).
 _NOT_RELAYED = HOP_BY_HOP | _FORWARDED
+# Response headers never relayed from the worker (X-Request-ID: the proxy sets its own).
+_NOT_RELAYED_BACK = HOP_BY_HOP | {b"x-request-id"}
 # twisted.web.http is wrapped in a deprecation proxy whose attribute lookups are slow;
 # bind the class once instead of on every call.
 _HTTPChannel = http.HTTPChannel
@@ -324,6 +326,12 @@ class Forward(UpstreamSink):
         if request._disconnected:
             return
         self.response_started = True
+        if code != 101 and not self.front.dev and request.relay_head(code, reason, headers):
+            # prod: the worker's head relayed as raw lines (no Headers object work)
+            request.registerProducer(self.conn, True)
+            if self.conn.flushes_sink:
+                self.channel.cork()
+            return
         request.defaultContentType = None   # relay the worker's Content-Type, never invent one
         request.setResponseCode(code, reason or None)
         out = request.responseHeaders
@@ -415,6 +423,7 @@ class Forward(UpstreamSink):
             # headers (Content-Encoding, Set-Cookie, ETag...).
             connection = request.responseHeaders.getRawHeaders(b"connection")
             request.responseHeaders = Headers()
+            request.raw_head = None
             if connection:
                 request.responseHeaders.setRawHeaders(b"connection", connection)
         why = reason.getErrorMessage()
@@ -556,6 +565,8 @@ class ProxyRequest(server.Request):
     _finish_pending = False
     _reading_paused = False
     _request_id: Optional[bytes] = None
+    raw_head: Optional[list] = None   # see relay_head
+    _raw_length = False
 
     @property
     def front(self) -> Front:
@@ -575,6 +586,61 @@ class ProxyRequest(server.Request):
             else:
                 self._request_id = next_request_id()
         return self._request_id
+
+    # -- the worker's response head, relayed ------------------------------------------
+    def relay_head(self, code: int, reason: bytes, headers) -> bool:
+        """Take the worker's status and headers as the response's without twisted.web's
+        Headers: the names and values as the worker sent them, less the hop-by-hop ones
+        and its X-Request-ID (ours is added). The head is written with the first body
+        write, or by finish(), as twisted.web does. False, with nothing changed, for what
+        Forward.upstream_response handles with Headers: a Connection or Transfer-Encoding
+        header from the worker (more filtering), a bare CR or LF (sanitizing)."""
+        lines = []
+        has_length = False
+        n = 0
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _NOT_RELAYED_BACK:
+                if lname == b"connection" or lname == b"transfer-encoding":
+                    return False
+                continue
+            if lname == b"content-length":
+                has_length = True
+            lines += (name, b": ", value, b"\r\n")
+            n += 1
+        blob = b"".join(lines)
+        if blob.count(b"\n") != n or blob.count(b"\r") != n:
+            return False
+        lines = [blob]
+        for name, values in self.responseHeaders.getAllRawHeaders():   # e.g. Connection: close
+            if name.lower() == b"content-length":
+                has_length = True
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines += (b"X-Request-ID: ", self.request_id, b"\r\n")
+        self.setResponseCode(code, reason or None)
+        self.raw_head = lines
+        self._raw_length = has_length
+        return True
+
+    def write(self, data: bytes) -> None:
+        if self.raw_head is not None and not self.startedWriting:
+            self._write_raw_head()
+        server.Request.write(self, data)
+
+    def _write_raw_head(self) -> None:
+        lines, self.raw_head = self.raw_head, None
+        self.startedWriting = 1
+        version = self.clientproto
+        code = self.code
+        if (version == b"HTTP/1.1" and not self._raw_length and self.method != b"HEAD"
+                and code not in http.NO_BODY_CODES):
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+            self.chunked = 1
+        self.channel.write(b"%s %d %s\r\n%s\r\n" % (version, code, self.code_message,
+                                                   b"".join(lines)))
+        if self.method == b"HEAD" or code in http.NO_BODY_CODES:
+            self.write = lambda data: None   # as twisted.web does
 
     # -- called by ProxyChannel at the end of the head --------------------------------
     def head_received(self, command: bytes, uri: bytes, version: bytes) -> None:

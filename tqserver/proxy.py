@@ -42,6 +42,7 @@ _NOT_RELAYED_BACK = HOP_BY_HOP | {b"x-request-id"}
 # twisted.web.http is wrapped in a deprecation proxy whose attribute lookups are slow;
 # bind the class once instead of on every call.
 _HTTPChannel = http.HTTPChannel
+_NO_BODY_CODES = http.NO_BODY_CODES
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 MAX_ATTEMPTS = 3
 
@@ -634,12 +635,12 @@ class ProxyRequest(server.Request):
         version = self.clientproto
         code = self.code
         if (version == b"HTTP/1.1" and not self._raw_length and self.method != b"HEAD"
-                and code not in http.NO_BODY_CODES):
+                and code not in _NO_BODY_CODES):
             lines.append(b"Transfer-Encoding: chunked\r\n")
             self.chunked = 1
         self.channel.write(b"%s %d %s\r\n%s\r\n" % (version, code, self.code_message,
                                                    b"".join(lines)))
-        if self.method == b"HEAD" or code in http.NO_BODY_CODES:
+        if self.method == b"HEAD" or code in _NO_BODY_CODES:
             self.write = lambda data: None   # as twisted.web does
 
     # -- called by ProxyChannel at the end of the head --------------------------------

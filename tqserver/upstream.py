@@ -153,21 +153,17 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         sink = self.sink
-        self._received(data)
-        if sink is not None:
-            sink.upstream_flush()
-
-    def _received(self, data: bytes) -> None:
         self._got_bytes = True
         state = self._state
         if state == _LENGTH and not self._buf:   # the hot path: body bytes of known length
             n = len(data)
             if n < self._remaining:
                 self._remaining -= n
-                self.sink.upstream_data(data)
+                sink.upstream_data(data)
+                sink.upstream_flush()
                 return
         elif state == _UPGRADED:
-            self.sink.upstream_data(data)
+            sink.upstream_data(data)
             return
         elif state == _IDLE:
             # An idle connection must be silent; anything here means it is not reusable.
@@ -178,6 +174,9 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
             self._parse()
         except UpstreamError as e:
             self._fail(Failure(e), retryable=False)
+        if sink is not None:
+            # The end of one read: what the sink relayed of it may leave in one send.
+            sink.upstream_flush()
 
     def _parse(self) -> None:
         while self._buf:

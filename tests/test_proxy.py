@@ -1274,6 +1274,9 @@ class ConnectRaceTests(unittest.TestCase):
         attempt = self.attempt
 
         class Upstreams:
+            def take_idle(self, port):
+                return None
+
             def acquire(self, port):
                 return attempt
 
@@ -1487,3 +1490,61 @@ class UpgradeTests(ProxyTestCase):
         data = yield self.json(response)
         headers = {k.lower(): v for k, v in data["headers"]}
         self.assertEqual(headers.get("upgrade"), "websocket")
+
+
+# The same behaviour in prod mode, where the worker's head is relayed as raw lines
+# (ProxyRequest.relay_head) instead of through twisted.web's Headers as in dev.
+class ProdRoutingTests(RoutingTests):
+    mode = "prod"
+
+
+class ProdForwardedHeaderTests(ForwardedHeaderTests):
+    mode = "prod"
+
+    @defer.inlineCallbacks
+    def test_response_head_relayed_raw(self):
+        """The worker's names and values as sent, hop-by-hop ones and its own X-Request-ID
+        dropped; a bare LF in a value is folded to a space, never a new header line."""
+        def answer(proto, head, rest):
+            proto.transport.write(
+                b"HTTP/1.1 201 Made\r\ncontent-type: text/x-raw\r\nKeep-Alive: timeout=5\r\n"
+                b"X-Request-ID: theirs\r\nX-Split: a\nInjected: yes\r\nContent-Length: 2\r\n"
+                b"\r\nok" if b"/lf" in head else
+                b"HTTP/1.1 201 Made\r\ncontent-type: text/x-raw\r\nKeep-Alive: timeout=5\r\n"
+                b"X-Request-ID: theirs\r\nContent-Length: 2\r\n\r\nok")
+        raw = self.raw_upstream(answer)
+        self.start_proxy(FakePool("w", "/", [FakeInstance(raw.port, "w#1")]), mode="prod")
+        data = yield self.raw(b"GET /x HTTP/1.1\r\nHost: h\r\nX-Request-ID: mine\r\n\r\n",
+                              until_close=False)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertEqual(body, b"ok")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"HTTP/1.1 201 Made")
+        self.assertIn(b"content-type: text/x-raw", lines)
+        self.assertIn(b"X-Request-ID: mine", lines)
+        self.assertNotIn(b"X-Request-ID: theirs", lines)
+        self.assertFalse([line for line in lines if line.lower().startswith(b"keep-alive")])
+        data = yield self.raw(b"GET /lf HTTP/1.1\r\nHost: h\r\n\r\n", until_close=False)
+        head = data.partition(b"\r\n\r\n")[0]
+        self.assertNotIn(b"\nInjected", head)
+        self.assertEqual(parse_response(data)[0], 201)
+
+
+class ProdBodyTests(BodyTests):
+    mode = "prod"
+
+
+class ProdEarlyAnswerTests(EarlyAnswerTests):
+    mode = "prod"
+
+
+class ProdCancelTests(CancelTests):
+    mode = "prod"
+
+
+class ProdKeepAliveTests(KeepAliveTests):
+    mode = "prod"
+
+
+class ProdUpgradeTests(UpgradeTests):
+    mode = "prod"

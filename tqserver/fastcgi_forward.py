@@ -69,6 +69,9 @@ class FastCGIForward(Forward):
         self._end()
         send_error(self.request, status, detail)
 
+    def _idle_connection(self, inst):
+        return None   # FastCGIPool.acquire decides (connection limits, fresh for bodies)
+
     def _acquire(self, inst) -> defer.Deferred:
         limit, keep_conn = connection_limit(self.pool.spec.config.php.pool)
         # A body streams through once and cannot be resent: never on a kept connection

@@ -56,6 +56,9 @@ class WorkerPool(Rotation, Service):
     """One worker's instances. ``serving`` is the rotation the proxy picks from; it is only
     ever replaced whole, after the new instances answered their first health probe."""
 
+    _public_of = None     # the spec _public_dir was computed for
+    _public_dir = ""
+
     def __init__(self, spec: WorkerSpec, runtime: Runtime, ctx: PoolContext) -> None:
         self.spec = spec
         self.runtime = runtime
@@ -94,7 +97,11 @@ class WorkerPool(Rotation, Service):
     def public_dir(self) -> str:
         """The worker's public/ directory. It may not exist (dev mode may create it at any
         time); static.resolve_public_file answers None for paths that do not exist."""
-        return os.path.join(self.spec.directory, "public")
+        spec = self.spec
+        if self._public_of is not spec:   # computed once per spec (a deploy brings a new one)
+            self._public_dir = os.path.join(spec.directory, "public")
+            self._public_of = spec
+        return self._public_dir
 
     @property
     def max_requests(self) -> int:

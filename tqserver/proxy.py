@@ -20,10 +20,12 @@ from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
 
 from . import pages, static
+from .deadlines import Deadlines
 from .events import live_reload_snippet
 from .fastcgi import FastCGIPool
 from .router import strip_prefix
 from .upstream import UpstreamConnection, UpstreamPool, UpstreamSink
+from .wire import write_now
 
 log = Logger()
 
@@ -33,9 +35,14 @@ HOP_BY_HOP = frozenset([b"connection", b"keep-alive", b"proxy-authenticate",
                         b"upgrade", b"proxy-connection", b"proxy"])
 _FORWARDED = frozenset([b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                         b"x-forwarded-prefix", b"x-request-id", b"x-tqserver-relay"])
+# Request headers never relayed as they are (Transfer-Encoding: the body is re-framed).
+_NOT_RELAYED = HOP_BY_HOP | _FORWARDED
+# Response headers never relayed from the worker (X-Request-ID: the proxy sets its own).
+_NOT_RELAYED_BACK = HOP_BY_HOP | {b"x-request-id"}
 # twisted.web.http is wrapped in a deprecation proxy whose attribute lookups are slow;
 # bind the class once instead of on every call.
 _HTTPChannel = http.HTTPChannel
+_NO_BODY_CODES = http.NO_BODY_CODES
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 MAX_ATTEMPTS = 3
 
@@ -73,6 +80,7 @@ class Front:
         self.supervisor = supervisor
         self.reactor = reactor
         self.upstreams = UpstreamPool(reactor)
+        self.deadlines = Deadlines(reactor)   # the per-request timeouts (read, idle, write)
         self.fastcgi = FastCGIPool(reactor)
         self.reserved = None     # set by the supervisor: reserved.Reserved
         # In a proxy process (server.proxy_processes > 1): request -> Forward that hands a
@@ -171,6 +179,7 @@ class Forward(UpstreamSink):
                  target: bytes, cfg) -> None:
         self.front = front
         self.request = request
+        self.channel = getattr(request, "channel", None)   # a finished request forgets it
         self.pool = pool
         self.route = route
         self.target = target
@@ -184,7 +193,7 @@ class Forward(UpstreamSink):
         self.body_complete = False
         self.response_started = False
         self.done = False
-        self.timeout_call = None
+        self.timing = False   # the write timeout is armed (in front.deadlines)
         self.head: Optional[bytes] = None
         self.upgrade_head = None
         self.live_reload = False
@@ -222,9 +231,17 @@ class Forward(UpstreamSink):
         self.instance_id = inst.id
         self.attempts += 1
         inst.request_started()
+        conn = self._idle_connection(inst)
+        if conn is not None:   # the usual case: no Deferred, no pause
+            self._connected(conn)
+            return
         self.request.pause_reading()
         d = self._acquire(inst)
         d.addCallbacks(self._connected, self._connect_failed)
+
+    def _idle_connection(self, inst) -> Optional[UpstreamConnection]:
+        """A kept-alive connection to ``inst`` ready now, if there is one."""
+        return self.front.upstreams.take_idle(inst.port)
 
     def _acquire(self, inst) -> defer.Deferred:
         """A connection to ``inst`` (pooled HTTP/1.1 here; FastCGI in FastCGIForward)."""
@@ -290,8 +307,9 @@ class Forward(UpstreamSink):
             self.request.finish_when_read()
 
     def _arm_timeout(self) -> None:
-        if self.timeout_call is None and not self.response_started:
-            self.timeout_call = self.front.reactor.callLater(self._write_timeout(), self._timed_out)
+        if not self.timing and not self.response_started:
+            self.timing = True
+            self.front.deadlines.set(self._timed_out, self._write_timeout())
 
     def _write_timeout(self) -> float:
         """worker.yaml's timeouts.write_timeout_seconds when it sets one, else the server's."""
@@ -301,7 +319,7 @@ class Forward(UpstreamSink):
         return self.cfg.server.write_timeout_seconds
 
     def _timed_out(self) -> None:
-        self.timeout_call = None
+        self.timing = False
         if self.response_started or self.done:
             return
         self._abandon()
@@ -309,13 +327,19 @@ class Forward(UpstreamSink):
 
     # -- response side (UpstreamSink) ------------------------------------------------
     def upstream_response(self, code: int, reason: bytes, headers) -> None:
-        if self.timeout_call is not None:
-            self.timeout_call.cancel()
-            self.timeout_call = None
+        if self.timing:
+            self.timing = False
+            self.front.deadlines.cancel(self._timed_out)
         request = self.request
         if request._disconnected:
             return
         self.response_started = True
+        if code != 101 and not self.front.dev and request.relay_head(code, reason, headers):
+            # prod: the worker's head relayed as raw lines (no Headers object work)
+            request.registerProducer(self.conn, True)
+            if self.conn.flushes_sink:
+                self.channel.cork()
+            return
         request.defaultContentType = None   # relay the worker's Content-Type, never invent one
         request.setResponseCode(code, reason or None)
         out = request.responseHeaders
@@ -346,6 +370,9 @@ class Forward(UpstreamSink):
             self.upgrade_head = (code, reason, headers)
         else:
             request.registerProducer(self.conn, True)
+            if self.conn.flushes_sink:
+                # The head and what follows of the body in this read go out in one send.
+                self.channel.cork()
 
     def _wants_live_reload(self, code: int, out) -> bool:
         """Dev: a full HTML page gets the live-reload script appended (browsers run a
@@ -360,6 +387,11 @@ class Forward(UpstreamSink):
 
     def upstream_data(self, data: bytes) -> None:
         self.request.write(data)
+
+    def upstream_flush(self) -> None:
+        channel = self.channel
+        if channel is not None:
+            channel.flush()
 
     def upstream_done(self) -> None:
         if self.has_body and not self.body_complete and self.conn is not None:
@@ -377,6 +409,7 @@ class Forward(UpstreamSink):
         if self.live_reload:
             request.write(self.front.live_reload_snippet(self.pool.name))
         request.finish_when_read()
+        self.upstream_flush()
 
     def upstream_failed(self, reason: Failure, retryable: bool) -> None:
         conn, self.conn = self.conn, None
@@ -398,6 +431,7 @@ class Forward(UpstreamSink):
             # headers (Content-Encoding, Set-Cookie, ETag...).
             connection = request.responseHeaders.getRawHeaders(b"connection")
             request.responseHeaders = Headers()
+            request.raw_head = None
             if connection:
                 request.responseHeaders.setRawHeaders(b"connection", connection)
         why = reason.getErrorMessage()
@@ -429,9 +463,9 @@ class Forward(UpstreamSink):
 
     def _end(self) -> None:
         self.done = True
-        if self.timeout_call is not None:
-            self.timeout_call.cancel()
-            self.timeout_call = None
+        if self.timing:
+            self.timing = False
+            self.front.deadlines.cancel(self._timed_out)
 
     def client_gone(self) -> None:
         """The client disconnected: cancel the upstream request."""
@@ -449,55 +483,61 @@ class Forward(UpstreamSink):
     # -- the upstream request head ---------------------------------------------------
     def _build_head(self):
         request = self.request
-        lines = [request.method + b" " + self.target + b" HTTP/1.1"]
-        connection_tokens = set()
-        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
-            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        headers = request.requestHeaders
+        out = [request.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        connection_tokens = ()
+        connection = headers.getRawHeaders(b"connection")
+        if connection:
+            connection_tokens = {t.strip().lower() for value in connection
+                                 for t in value.split(b",")}
         has_body = False
         chunked = False
-        upgrade = b"upgrade" in connection_tokens and request.requestHeaders.hasHeader(b"upgrade")
-        for name, values in request.requestHeaders.getAllRawHeaders():
+        upgrade = b"upgrade" in connection_tokens and headers.hasHeader(b"upgrade")
+        for name, values in headers.getAllRawHeaders():
             lname = name.lower()
-            if lname in _FORWARDED:
+            if lname in _NOT_RELAYED:
+                if lname == b"transfer-encoding":
+                    chunked = any(b"chunked" in v.lower() for v in values)
                 continue
-            if lname == b"transfer-encoding":
-                chunked = any(b"chunked" in v.lower() for v in values)
-                continue
-            if lname in HOP_BY_HOP or lname in connection_tokens:
+            if lname in connection_tokens:
                 continue
             if lname == b"content-length":
                 has_body = values[0].strip() not in (b"0", b"")
             for value in values:
-                lines.append(name + b": " + value)
+                out += (name, b": ", value, b"\r\n")
         if chunked:
             has_body = True
-            lines.append(b"Transfer-Encoding: chunked")
+            out.append(b"Transfer-Encoding: chunked\r\n")
         if upgrade:
-            lines.append(b"Connection: upgrade")
-            for value in request.requestHeaders.getRawHeaders(b"upgrade"):
-                lines.append(b"Upgrade: " + value)
-        lines.extend(name + b": " + value for name, value in self.forwarded_headers())
-        return b"\r\n".join(lines) + b"\r\n\r\n", has_body, chunked
+            out.append(b"Connection: upgrade\r\n")
+            for value in headers.getRawHeaders(b"upgrade"):
+                out += (b"Upgrade: ", value, b"\r\n")
+        for name, value in self.forwarded_headers():
+            out += (name, b": ", value, b"\r\n")
+        out.append(b"\r\n")
+        return b"".join(out), has_body, chunked
 
     def forwarded_headers(self):
         """X-Forwarded-For/-Proto/-Host/-Prefix and X-Request-ID as this proxy sets them: the
         client's own values count only from server.trusted_proxies."""
         request = self.request
         client = request.client_ip
-        trusted = client in self.cfg.server.trusted_proxies
         headers = request.requestHeaders
-
-        def incoming(name: bytes):
-            return headers.getRawHeaders(name) if trusted else None
-        out = []
         client_b = client.encode()
-        xff = incoming(b"x-forwarded-for")
-        out.append((b"X-Forwarded-For", b", ".join(xff) + b", " + client_b if xff else client_b))
-        proto = incoming(b"x-forwarded-proto")
-        out.append((b"X-Forwarded-Proto", proto[0] if proto else
-                    (b"https" if request.isSecure() else b"http")))
-        fhost = incoming(b"x-forwarded-host")
-        host = headers.getRawHeaders(b"host", [b""])[0]
+        proto = b"https" if request.isSecure() else b"http"
+        host = headers.getRawHeaders(b"host")
+        host = host[0] if host else b""
+        fhost = None
+        trusted = self.cfg.server.trusted_proxies
+        if trusted and client in trusted:
+            xff = headers.getRawHeaders(b"x-forwarded-for")
+            if xff:
+                client_b = b", ".join(xff) + b", " + client_b
+            given = headers.getRawHeaders(b"x-forwarded-proto")
+            if given:
+                proto = given[0]
+            fhost = headers.getRawHeaders(b"x-forwarded-host")
+        out = [(b"X-Forwarded-For", client_b), (b"X-Forwarded-Proto", proto)]
         if fhost or host:
             out.append((b"X-Forwarded-Host", fhost[0] if fhost else host))
         if self.pool.spec.config.strip_prefix and self.route != "/":
@@ -533,6 +573,8 @@ class ProxyRequest(server.Request):
     _finish_pending = False
     _reading_paused = False
     _request_id: Optional[bytes] = None
+    raw_head: Optional[list] = None   # see relay_head
+    _raw_length = False
 
     @property
     def front(self) -> Front:
@@ -552,6 +594,61 @@ class ProxyRequest(server.Request):
             else:
                 self._request_id = next_request_id()
         return self._request_id
+
+    # -- the worker's response head, relayed ------------------------------------------
+    def relay_head(self, code: int, reason: bytes, headers) -> bool:
+        """Take the worker's status and headers as the response's without twisted.web's
+        Headers: the names and values as the worker sent them, less the hop-by-hop ones
+        and its X-Request-ID (ours is added). The head is written with the first body
+        write, or by finish(), as twisted.web does. False, with nothing changed, for what
+        Forward.upstream_response handles with Headers: a Connection or Transfer-Encoding
+        header from the worker (more filtering), a bare CR or LF (sanitizing)."""
+        lines = []
+        has_length = False
+        n = 0
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _NOT_RELAYED_BACK:
+                if lname == b"connection" or lname == b"transfer-encoding":
+                    return False
+                continue
+            if lname == b"content-length":
+                has_length = True
+            lines += (name, b": ", value, b"\r\n")
+            n += 1
+        blob = b"".join(lines)
+        if blob.count(b"\n") != n or blob.count(b"\r") != n:
+            return False
+        lines = [blob]
+        for name, values in self.responseHeaders.getAllRawHeaders():   # e.g. Connection: close
+            if name.lower() == b"content-length":
+                has_length = True
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines += (b"X-Request-ID: ", self.request_id, b"\r\n")
+        self.setResponseCode(code, reason or None)
+        self.raw_head = lines
+        self._raw_length = has_length
+        return True
+
+    def write(self, data: bytes) -> None:
+        if self.raw_head is not None and not self.startedWriting:
+            self._write_raw_head()
+        server.Request.write(self, data)
+
+    def _write_raw_head(self) -> None:
+        lines, self.raw_head = self.raw_head, None
+        self.startedWriting = 1
+        version = self.clientproto
+        code = self.code
+        if (version == b"HTTP/1.1" and not self._raw_length and self.method != b"HEAD"
+                and code not in _NO_BODY_CODES):
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+            self.chunked = 1
+        self.channel.write(b"%s %d %s\r\n%s\r\n" % (version, code, self.code_message,
+                                                   b"".join(lines)))
+        if self.method == b"HEAD" or code in _NO_BODY_CODES:
+            self.write = lambda data: None   # as twisted.web does
 
     # -- called by ProxyChannel at the end of the head --------------------------------
     def head_received(self, command: bytes, uri: bytes, version: bytes) -> None:
@@ -657,14 +754,107 @@ class ProxyRequest(server.Request):
 
 class ProxyChannel(_HTTPChannel):
     """HTTPChannel that hands the request its method and target when the head is complete,
-    enforces the whole-request read timeout, and answers 431 for oversized heads."""
+    enforces the whole-request read timeout, and answers 431 for oversized heads.
 
-    _read_timer = None
+    A Forward may *cork* the channel while it relays one read of a response: what the
+    request writes (head, body, chunk framing) collects here and leaves in one send at
+    ``flush()``, which the Forward calls at the end of each read from the instance; the
+    end of the request, a reject and loseConnection flush first, so nothing is reordered."""
+
+    _reading = False      # a request is being read: its read timeout is armed
+    _idle = False         # the idle timeout (TimeoutMixin's) is armed
+    _cork: Optional[list] = None
+    _host = None
+    _peer = None
+    _secure = None
+
+    # Request.__init__ asks for both on every request; a TCP connection's addresses do
+    # not change (getHost is a getsockname() call each time).
+    def getHost(self):
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    def isSecure(self) -> bool:
+        if self._secure is None:   # an interface adaptation each time otherwise
+            self._secure = _HTTPChannel.isSecure(self)
+        return self._secure
+
+    def cork(self) -> None:
+        if self._cork is None:
+            self._cork = []
+
+    def flush(self) -> None:
+        cork = self._cork
+        if cork is not None:
+            self._cork = None
+            if cork and self.transport is not None:
+                write_now(self.transport, b"".join(cork))
+
+    def write(self, data: bytes) -> None:
+        if self._cork is not None:
+            if data:
+                self._cork.append(data)
+        else:
+            self.transport.write(data)
+
+    def writeSequence(self, iovec) -> None:
+        if self._cork is not None:
+            self._cork.extend(iovec)
+        else:
+            self.transport.writeSequence(iovec)
+
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        if self._cork is None:
+            _HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        out = self._cork
+        out += (version, b" ", code, b" ", reason, b"\r\n")
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                out += (name, b": ", value, b"\r\n")
+        out.append(b"\r\n")
+
+    def requestDone(self, request) -> None:
+        self.flush()
+        _HTTPChannel.requestDone(self, request)
+
+    def loseConnection(self) -> None:
+        self.flush()
+        return _HTTPChannel.loseConnection(self)
+
+    # -- timeouts: in the Front's Deadlines, not a DelayedCall per request ------------
+    def setTimeout(self, period):
+        """TimeoutMixin.setTimeout (the idle timeout, ``timeoutConnection``)."""
+        prev, self.timeOut = self.timeOut, period
+        if period is None:
+            if self._idle:
+                self._idle = False
+                self.site.front.deadlines.cancel(self._idle_timed_out)
+        else:
+            self._idle = True
+            self.site.front.deadlines.set(self._idle_timed_out, period)
+        return prev
+
+    def resetTimeout(self) -> None:
+        if self._idle and self.timeOut is not None:
+            self.site.front.deadlines.reset(self._idle_timed_out, self.timeOut)
+
+    def _idle_timed_out(self) -> None:
+        self._idle = False
+        self.timeoutConnection()
 
     def lineReceived(self, line: bytes) -> None:
-        if self._read_timer is None and line:
-            timeout = self.site.front.supervisor.config.server.read_timeout_seconds
-            self._read_timer = self.callLater(timeout, self._read_timed_out)
+        if not self._reading and line:
+            front = self.site.front
+            self._reading = True
+            front.deadlines.set(self._read_timed_out,
+                                front.supervisor.config.server.read_timeout_seconds)
         return _HTTPChannel.lineReceived(self, line)
 
     def allHeadersReceived(self) -> None:
@@ -680,14 +870,13 @@ class ProxyChannel(_HTTPChannel):
         self.allContentReceived()
 
     def allContentReceived(self) -> None:
-        if self._read_timer is not None:
-            if self._read_timer.active():
-                self._read_timer.cancel()
-            self._read_timer = None
+        if self._reading:
+            self._reading = False
+            self.site.front.deadlines.cancel(self._read_timed_out)
         _HTTPChannel.allContentReceived(self)
 
     def _read_timed_out(self) -> None:
-        self._read_timer = None
+        self._reading = False
         self.reject(408)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -714,6 +903,7 @@ class ProxyChannel(_HTTPChannel):
         """A minimal response for a request we will not read further; closes the connection."""
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return
+        self.flush()
         reason = pages.REASONS.get(status, "Error").encode()
         body = b"%d %s\n" % (status, reason)
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d"
@@ -721,10 +911,11 @@ class ProxyChannel(_HTTPChannel):
         self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
-        if self._read_timer is not None and self._read_timer.active():
-            self._read_timer.cancel()
-        self._read_timer = None
-        _HTTPChannel.connectionLost(self, reason)
+        self._cork = None
+        if self._reading:
+            self._reading = False
+            self.site.front.deadlines.cancel(self._read_timed_out)
+        _HTTPChannel.connectionLost(self, reason)   # setTimeout(None): the idle timeout
 
 
 class ProxySite(server.Site):

@@ -313,6 +313,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     observer = ServerLogObserver(quiet=args.quiet, file_template=None, console=sys.stderr,
                                  system=f"proxy {args.index}")
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    from .tap import freeze_startup_heap
+    reactor.callWhenRunning(freeze_startup_heap)
     control = ProxyProcess(reactor, args.listen, observer)
     stdio.StandardIO(control, reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown",

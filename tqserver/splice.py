@@ -15,6 +15,9 @@ class _Pipe:
     def upstream_data(self, data: bytes) -> None:
         self.client.write(data)
 
+    def upstream_flush(self) -> None:
+        pass
+
     def upstream_done(self) -> None:
         # Unregister first: a paused producer would keep a closing transport open forever.
         self.client.unregisterProducer()

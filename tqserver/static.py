@@ -19,6 +19,14 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPullProducer
 from twisted.web import http
 
+# twisted.web.http is a deprecation proxy whose attribute lookups are slow: bind once.
+_datetimeToString = http.datetimeToString
+PRECONDITION_FAILED = http.PRECONDITION_FAILED
+REQUESTED_RANGE_NOT_SATISFIABLE = http.REQUESTED_RANGE_NOT_SATISFIABLE
+PARTIAL_CONTENT = http.PARTIAL_CONTENT
+NOT_MODIFIED = http.NOT_MODIFIED
+
+
 __all__ = ["resolve_public_file", "serve_file", "within"]
 
 # PHP sources (and their usual aliases) must never leak as text.
@@ -64,21 +72,27 @@ def resolve_public_file(public_dir: str, subpath: Union[str, bytes]) -> Optional
     a directory without one is left to the worker (relative links in an
     index page would break without the slash).
     """
-    decoded = os.fsdecode(unquote_to_bytes(subpath))
+    if isinstance(subpath, bytes) and b"%" not in subpath:
+        decoded = os.fsdecode(subpath)   # nothing to unquote (the usual case)
+    else:
+        decoded = os.fsdecode(unquote_to_bytes(subpath))
     if "\x00" in decoded or "\\" in decoded:
         return None
-    parts = [p for p in decoded.split("/") if p]
-    # Covers "..", "." and hidden names (.git, .env, .htaccess, .user.ini).
-    if any(p.startswith(".") for p in parts):
+    # Covers "..", "." and hidden names (.git, .env, .htaccess, .user.ini): a segment that
+    # starts with a dot.
+    if "/." in "/" + decoded:
         return None
+    parts = [p for p in decoded.split("/") if p]
     if parts and not decoded.endswith("/") and _PHP_RE.search(parts[-1]):
         return None  # a script: refused before any filesystem call
     # Most requests under a worker's route are not files: one stat answers them before
     # the realpath() calls (an lstat per path component each) that the safe answer needs.
-    candidate = os.path.join(public_dir, *parts)
+    candidate = os.path.join(public_dir, "/".join(parts)) if parts else public_dir
     if decoded.endswith("/"):
         candidate = os.path.join(candidate, "index.html")
-    if not os.path.exists(candidate):
+    try:
+        os.stat(candidate)
+    except (OSError, ValueError):
         return None
     root = os.path.realpath(public_dir)
     candidate = os.path.join(root, os.path.relpath(candidate, public_dir))
@@ -132,14 +146,14 @@ def _respond(request: http.Request, path: str, fd: int, st: os.stat_result) -> b
     mtime = int(st.st_mtime)
     etag = '"%x-%x-%x"' % (st.st_mtime_ns, size, st.st_ino)
     request.setHeader(b"ETag", etag.encode("ascii"))
-    request.setHeader(b"Last-Modified", http.datetimeToString(mtime))
+    request.setHeader(b"Last-Modified", _datetimeToString(mtime))
     request.setHeader(b"Cache-Control", b"no-cache")  # always revalidate: dev sees new files
     request.setHeader(b"Accept-Ranges", b"bytes")
 
     code = _preconditions(request, etag, mtime)
     if code is not None:
         request.setResponseCode(code)
-        if code == http.PRECONDITION_FAILED:
+        if code == PRECONDITION_FAILED:
             request.setHeader(b"Content-Length", b"0")
         request.finish()
         return False
@@ -147,7 +161,7 @@ def _respond(request: http.Request, path: str, fd: int, st: os.stat_result) -> b
     offset, length = 0, size
     byte_range = _requested_range(request, etag, mtime, size)
     if byte_range == "unsatisfiable":
-        request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+        request.setResponseCode(REQUESTED_RANGE_NOT_SATISFIABLE)
         request.setHeader(b"Content-Range", b"bytes */%d" % size)
         request.setHeader(b"Content-Length", b"0")
         request.finish()
@@ -155,7 +169,7 @@ def _respond(request: http.Request, path: str, fd: int, st: os.stat_result) -> b
     if byte_range is not None:
         offset, end = byte_range
         length = end - offset + 1
-        request.setResponseCode(http.PARTIAL_CONTENT)
+        request.setResponseCode(PARTIAL_CONTENT)
         request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (offset, end, size))
     request.setHeader(b"Content-Type", _content_type(path))
     request.setHeader(b"Content-Length", b"%d" % length)
@@ -172,17 +186,17 @@ def _preconditions(request: http.Request, etag: str, mtime: int) -> Optional[int
     if_match = _header_list(request, b"If-Match")
     if if_match is not None:
         if not _etag_matches(if_match, etag, weak=False):
-            return http.PRECONDITION_FAILED
+            return PRECONDITION_FAILED
     else:
         since = _parse_date(request.getHeader(b"If-Unmodified-Since"))
         if since is not None and mtime > since:
-            return http.PRECONDITION_FAILED
+            return PRECONDITION_FAILED
     if_none_match = _header_list(request, b"If-None-Match")
     if if_none_match is not None:
-        return http.NOT_MODIFIED if _etag_matches(if_none_match, etag, weak=True) else None
+        return NOT_MODIFIED if _etag_matches(if_none_match, etag, weak=True) else None
     since = _parse_date(request.getHeader(b"If-Modified-Since"))
     if since is not None and mtime <= since:
-        return http.NOT_MODIFIED
+        return NOT_MODIFIED
     return None
 
 

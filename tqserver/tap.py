@@ -232,6 +232,18 @@ class AccessLog:
                 instance=instance, rid=request.request_id.decode("latin-1"))
 
 
+def freeze_startup_heap() -> None:
+    """Move what startup allocated (modules, config, the service tree) out of the cyclic
+    GC's reach: CPython's full collections otherwise walk all of it again and again under
+    load (a ~40 ms pause every few seconds at a few thousand requests/s). PyPy has no
+    gc.freeze and needs none."""
+    import gc
+    freeze = getattr(gc, "freeze", None)
+    if freeze is not None:
+        gc.collect()
+        freeze()
+
+
 def makeService(options: Options):
     from twisted.internet import reactor
 
@@ -260,6 +272,7 @@ def makeService(options: Options):
         observer.set_file(resolve_template(new.server.log_file, root))
         site.timeout = new.server.idle_timeout_seconds   # for new connections
     supervisor.config_listeners.append(apply_server_config)
+    reactor.callWhenRunning(freeze_startup_heap)
     if options["proxy_processes"] > 1:
         fleet = ProxyFleet(supervisor, reactor, [listen_address(d) for d in options["listen"]],
                            options["proxy_processes"], quiet=options["quiet"])

@@ -12,6 +12,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 
+from .wire import write_now
+
 MAX_HEAD = 64 * 1024
 MAX_IDLE_PER_PORT = 128
 
@@ -33,6 +35,8 @@ class UpstreamSink:
     def upstream_done(self) -> None: ...
     def upstream_failed(self, reason: Failure, retryable: bool) -> None: ...
     def upstream_upgraded(self, conn: "UpstreamConnection", rest: bytes) -> None: ...
+    def upstream_flush(self) -> None:
+        """The end of one read from the instance: what it relayed may go out now."""
 
 
 def parse_head(head: bytes) -> Tuple[bytes, int, bytes, Headers]:
@@ -64,6 +68,7 @@ class ConnectionControl:
     closed = False
     sink = None
     transport = None
+    flushes_sink = False   # calls sink.upstream_flush() after each read
 
     def pauseProducing(self) -> None:
         if not self.closed:
@@ -93,6 +98,8 @@ class ConnectionControl:
 
 class UpstreamConnection(ConnectionControl, protocol.Protocol):
     """One keep-alive connection to one instance; carries one request at a time."""
+
+    flushes_sink = True
 
     def __init__(self, pool: "UpstreamPool", port: int) -> None:
         self.pool = pool
@@ -124,7 +131,7 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         self._body_done = not has_body
         self._chunked_request = chunked
         self._got_bytes = False
-        self.transport.write(head)
+        write_now(self.transport, head)
 
     def write_body(self, data: bytes) -> None:
         if not data or self.closed:
@@ -145,16 +152,18 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
 
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
+        sink = self.sink
         self._got_bytes = True
         state = self._state
         if state == _LENGTH and not self._buf:   # the hot path: body bytes of known length
             n = len(data)
             if n < self._remaining:
                 self._remaining -= n
-                self.sink.upstream_data(data)
+                sink.upstream_data(data)
+                sink.upstream_flush()
                 return
         elif state == _UPGRADED:
-            self.sink.upstream_data(data)
+            sink.upstream_data(data)
             return
         elif state == _IDLE:
             # An idle connection must be silent; anything here means it is not reusable.
@@ -165,6 +174,9 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
             self._parse()
         except UpstreamError as e:
             self._fail(Failure(e), retryable=False)
+        if sink is not None:
+            # The end of one read: what the sink relayed of it may leave in one send.
+            sink.upstream_flush()
 
     def _parse(self) -> None:
         while self._buf:
@@ -341,14 +353,21 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self._idle: Dict[int, List[UpstreamConnection]] = {}
 
-    def acquire(self, port: int) -> defer.Deferred:
-        """Fires with a connection to 127.0.0.1:port, reused when one is idle."""
+    def take_idle(self, port: int) -> Optional[UpstreamConnection]:
+        """An idle kept-alive connection to 127.0.0.1:port (the warmest), or None."""
         idle = self._idle.get(port)
         while idle:
             conn = idle.pop()
             if not conn.closed:
                 conn.reused = True
-                return defer.succeed(conn)
+                return conn
+        return None
+
+    def acquire(self, port: int) -> defer.Deferred:
+        """Fires with a connection to 127.0.0.1:port, reused when one is idle."""
+        conn = self.take_idle(port)
+        if conn is not None:
+            return defer.succeed(conn)
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=self.connect_timeout)
         d = endpoint.connect(_Factory(self, port))
         return d.addCallback(lambda conn: conn.connected_d)

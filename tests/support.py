@@ -124,8 +124,9 @@ def spawn_twistd(project: Project, *args: str, daemon: bool = False,
                  env: Optional[Dict[str, str]] = None) -> TwistdProcess:
     proto = TwistdProcess()
     child_env = dict(os.environ)
-    code = (env or {}).get("PYTHONPATH", REPO)
-    child_env["PYTHONPATH"] = code + os.pathsep + os.environ.get("PYTHONPATH", "")
+    # Only the code under test: under `trial -j`, PYTHONPATH holds this interpreter's whole
+    # sys.path (its stdlib too), which breaks any other Python a worker runs (python3).
+    child_env["PYTHONPATH"] = (env or {}).get("PYTHONPATH", REPO)
     go = find_go()
     if go:
         child_env["PATH"] = os.path.dirname(go) + os.pathsep + child_env.get("PATH", "")

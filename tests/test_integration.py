@@ -40,11 +40,17 @@ class IntegrationBase(unittest.TestCase):
         return proc
 
     async def wait_healthy(self, client: Client, project: Project, proc, workers, timeout=180):
+        last = {}
+
         async def healthy():
             code, body = await client.get_json(project.url + "/health")
+            last["health"] = body
             states = {name: w["status"] for name, w in body["workers"].items()}
             return all(states.get(name) == "healthy" for name in workers)
-        await wait_until(healthy, timeout, f"workers {workers} healthy", proc)
+        try:
+            await wait_until(healthy, timeout, f"workers {workers} healthy", proc)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nlast /health: {last.get('health')}") from None
 
 
 class ExampleSiteTests(IntegrationBase):

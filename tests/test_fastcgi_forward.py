@@ -1,7 +1,8 @@
 """The proxy in front of a real php-fpm: a ProxySite on loopback with a stand-in PHP pool
 (as in test_proxy) whose instance is a php-fpm started from TQServer's generated config.
 Routing to scripts, CGI params as PHP sees them, static files beside scripts, bodies both
-ways, errors (404, 405, 411, 502, 503, 504), retries, and the FastCGI health probe."""
+ways, chunked uploads, errors (404, 405, 413, 502, 503, 504), retries, and the FastCGI
+health probe."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +12,7 @@ import os
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from tqserver import fastcgi_forward
 from tqserver.health import Prober
 from tqserver.runtimes.php import PhpRuntime
 
@@ -236,11 +238,29 @@ class BodyTests(PhpProxyTestCase):
         self.assertEqual(body, pattern(n))
 
     @defer.inlineCallbacks
-    def test_chunked_upload_needs_a_length(self):
+    def test_chunked_upload_is_buffered_and_sent_with_its_length(self):
+        body = pattern(300000)
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 70000]), body[i:i + 70000])
+                          for i in range(0, len(body), 70000))
         raw = yield self.raw(b"POST /blog/info.php HTTP/1.1\r\nHost: h\r\n"
                              b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-                             b"5\r\nhello\r\n0\r\n\r\n")
-        self.assertEqual(parse_response(raw)[0], 411)
+                             + chunks + b"0\r\n\r\n")
+        code, _, payload = parse_response(raw)
+        data = json.loads(payload)
+        self.assertEqual(code, 200)
+        self.assertEqual((data["length"], data["md5"]),
+                         (len(body), hashlib.md5(body).hexdigest()))
+        self.assertEqual(data["server"]["CONTENT_LENGTH"], str(len(body)))
+        self.assertNotIn("HTTP_TRANSFER_ENCODING", data["server"])
+
+    @defer.inlineCallbacks
+    def test_chunked_upload_over_the_buffer_limit_is_413(self):
+        self.patch(fastcgi_forward, "MAX_BUFFERED_BODY", 1000)
+        raw = yield self.raw(b"POST /blog/info.php HTTP/1.1\r\nHost: h\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n"
+                             b"3e8\r\n" + b"x" * 1000 + b"\r\n5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual(parse_response(raw)[0], 413)
+        self.assertEqual(self.front.fastcgi.open_count(self.fpm.port), 0)
 
     @defer.inlineCallbacks
     def test_keep_alive_client_many_requests_few_connections(self):

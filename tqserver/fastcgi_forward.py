@@ -19,20 +19,23 @@ from .router import strip_prefix
 from .runtimes.php import connection_limit
 
 MAX_STDERR_LINE = 8192
+# A chunked upload is buffered to learn its length (PHP reads exactly CONTENT_LENGTH bytes),
+# in memory: up to this much, or server.max_body_bytes if smaller; more is answered 413.
+MAX_BUFFERED_BODY = 16 * 1024 * 1024
 
 
 class FastCGIForward(Forward):
     """One request to a PHP worker and its response on the way back."""
 
     _stderr = b""     # a STDERR line still waiting for its end
+    buffering = False  # a chunked body being collected before anything is sent
+    _buffered = 0
 
     def start(self) -> None:
         request = self.request
         headers = request.requestHeaders
-        if any(b"chunked" in v.lower() for v in headers.getRawHeaders(b"transfer-encoding", ())):
-            # PHP reads exactly CONTENT_LENGTH bytes of input: it needs the length up front.
-            self._refuse(411, "PHP workers need the request body's Content-Length.")
-            return
+        self.buffering = any(b"chunked" in v.lower()
+                             for v in headers.getRawHeaders(b"transfer-encoding", ()))
         public = self.pool.public_dir
         rest = strip_prefix(self.route, request.path)
         if (request.method not in (b"GET", b"HEAD") and public
@@ -46,9 +49,15 @@ class FastCGIForward(Forward):
             self._refuse(404, f"Worker '{self.pool.name}' has no PHP script for this path "
                               "(and no public/index.php to handle it).")
             return
-        length = headers.getRawHeaders(b"content-length")
+        self.script = script
+        if self.buffering:
+            return     # body_finished() sends it, with its length
+        self._send()
+
+    def _send(self) -> None:
+        length = self.request.requestHeaders.getRawHeaders(b"content-length")
         self.has_body = bool(length) and length[0].strip() not in (b"0", b"")
-        params = cgi_params(request, script, self.route, self.forwarded_headers(),
+        params = cgi_params(self.request, self.script, self.route, self.forwarded_headers(),
                             self._not_passed())
         try:
             self.head = encode_params(params)
@@ -56,6 +65,32 @@ class FastCGIForward(Forward):
             self._refuse(431, "A request header is too large for FastCGI.")
             return
         self._connect()
+
+    # -- a chunked body: collected, then sent with a Content-Length ---------------------
+    def body_chunk(self, data: bytes) -> None:
+        if not self.buffering:
+            Forward.body_chunk(self, data)
+            return
+        if self.done:
+            return
+        self._buffered += len(data)
+        limit = min(MAX_BUFFERED_BODY, self.cfg.server.max_body_bytes)
+        if self._buffered > limit:
+            self._end()
+            self.request.channel.reject(413)
+            return
+        self.pending_body.append(data)
+
+    def body_finished(self) -> None:
+        if not self.buffering or self.done:
+            Forward.body_finished(self)
+            return
+        self.buffering = False
+        self.body_complete = True
+        headers = self.request.requestHeaders
+        headers.removeHeader(b"transfer-encoding")
+        headers.setRawHeaders(b"content-length", [b"%d" % self._buffered])
+        self._send()
 
     def _not_passed(self) -> frozenset:
         """Request headers that never become HTTP_* params: hop-by-hop ones (Proxy among

@@ -1452,6 +1452,9 @@ class UpgradeTests(ProxyTestCase):
         client.transport.loseConnection()
         yield wait_until(lambda: raw.protocols[0].lost, what="the upstream side to close")
         self.assertEqual(pool.serving[0].inflight, 0)
+        [logged] = [r for r in self.logged if r.path == b"/ws/chat"]   # once, at the end
+        self.assertEqual(logged.code, 101)
+        self.assertEqual(logged.sentLength, len(client.data) - len(head) - 4)
 
     @defer.inlineCallbacks
     def test_last_bytes_before_close_delivered(self):

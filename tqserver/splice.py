@@ -11,8 +11,10 @@ class _Pipe:
     def __init__(self, client_transport, done) -> None:
         self.client = client_transport
         self.done = done
+        self.sent = 0     # bytes relayed to the client, for the access log
 
     def upstream_data(self, data: bytes) -> None:
+        self.sent += len(data)
         self.client.write(data)
 
     def upstream_flush(self) -> None:
@@ -45,8 +47,12 @@ def splice_upgrade(request, conn, rest: bytes, code: int, reason: bytes, headers
             forward = request.forward
             forward.conn = None     # both sides are closed in order here, never reset:
             forward.client_gone()   # this only does the request accounting
+            # One access-log line (and the metrics) for the whole upgraded session.
+            request.code = code
+            request.sentLength = len(rest) + pipe.sent
+            channel.site.log(request)
 
-    conn.sink = _Pipe(client, done)
+    pipe = conn.sink = _Pipe(client, done)
     # The channel no longer parses HTTP: client bytes go straight upstream.
     channel.dataReceived = conn.transport.write
 

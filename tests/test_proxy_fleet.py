@@ -388,3 +388,27 @@ class RequestStatsTests(unittest.TestCase):
                       text)
         self.assertIn('tqserver_request_duration_seconds_count{worker="app"} 3.0', text)
         self.assertIn('tqserver_request_duration_seconds_sum{worker="app"} 45.0034', text)
+
+
+class SharedSocketTests(unittest.TestCase):
+    def test_adopting_the_listening_socket_keeps_it_non_blocking(self) -> None:
+        """The descriptor is shared with the other proxy processes: it must stay
+        non-blocking for them (PyPy's socket objects would clear O_NONBLOCK)."""
+        import fcntl
+        import os
+        import socket
+        from twisted.internet import protocol, reactor
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.setblocking(False)
+        child = ProxyProcess(reactor, [os.dup(listener.fileno())],
+                             ServerLogObserver(quiet=True, file_template=None))
+        child.site = protocol.Factory()
+        child._listen()
+        child.reporter.stop()
+        for port in child.ports:
+            self.addCleanup(port.stopListening)
+        flags = fcntl.fcntl(listener.fileno(), fcntl.F_GETFL)
+        self.assertTrue(flags & os.O_NONBLOCK)

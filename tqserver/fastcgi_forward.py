@@ -110,8 +110,10 @@ class FastCGIForward(Forward):
     def _acquire(self, inst) -> defer.Deferred:
         limit, keep_conn = connection_limit(self.pool.spec.config.php.pool)
         # A body streams through once and cannot be resent: never on a kept connection
-        # php-fpm may be closing (see FastCGIPool).
-        d = self.front.fastcgi.acquire(inst.port, limit, keep_conn, fresh=self.has_body)
+        # php-fpm may be closing (see FastCGIPool). A retry (the kept connection was closed
+        # by a recycled php-fpm child) takes a fresh one too: other kept ones may be as stale.
+        fresh = self.has_body or self.attempts > 1
+        d = self.front.fastcgi.acquire(inst.port, limit, keep_conn, fresh=fresh)
         if not d.called:
             # Waiting for a connection while every one is busy counts as waiting for an
             # answer.

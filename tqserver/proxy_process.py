@@ -258,12 +258,21 @@ class ProxyProcess(QuietAMP):
         return RelayForward(self.front, request, self.relay_pool, "/", target, self.shared.config)
 
     def _listen(self) -> None:
-        for fd in self.listen_fds:
-            family = _family(fd)
-            port = OneAcceptPort._fromListeningDescriptor(self.reactor, fd, family, self.site)
-            port.startListening()
-            os.close(fd)
-            self.ports.append(port)
+        # Every proxy process's descriptor shares one open file, and so its O_NONBLOCK.
+        # PyPy clears that flag when it makes a socket object from a descriptor (unless the
+        # default timeout is 0): the other processes would then block in accept() whenever
+        # they lose a connection to a sibling.
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(0.0)
+        try:
+            for fd in self.listen_fds:
+                port = OneAcceptPort._fromListeningDescriptor(self.reactor, fd, _family(fd),
+                                                              self.site)
+                port.startListening()
+                os.close(fd)
+                self.ports.append(port)
+        finally:
+            socket.setdefaulttimeout(previous)
         self.reporter.start(REPORT_SECONDS, now=False)
         log.info("proxy process {pid} accepting connections", pid=os.getpid())
 

@@ -13,6 +13,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .rotation import InFlight
 from .runtimes import HTTP_PROBE, Probe
 
 log = Logger()
@@ -77,7 +78,7 @@ class LineSink:
             self.feed(fd, b"\n")
 
 
-class Instance(ProcessProtocol):
+class Instance(InFlight, ProcessProtocol):
     """A running copy of a worker. The pool owns it; the proxy counts requests on it."""
 
     def __init__(self, reactor, worker: str, instance_id: str, port: int,
@@ -168,10 +169,8 @@ class Instance(ProcessProtocol):
     def request_finished(self) -> None:
         self.inflight -= 1
         self._check_request_limit()
-        if self.inflight == 0 and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(self)
+        if self.inflight == 0:
+            self._wake_idle()
 
     def requests_elsewhere(self, finished: int, inflight: int) -> None:
         """What proxy processes report (server.proxy_processes > 1): requests they sent
@@ -188,14 +187,6 @@ class Instance(ProcessProtocol):
                 and self.on_request_limit is not None):
             callback, self.on_request_limit = self.on_request_limit, None   # once
             callback(self)
-
-    def idle(self) -> defer.Deferred:
-        """Fires when no request is in flight on this instance."""
-        if self.inflight <= 0:
-            return defer.succeed(self)
-        d: defer.Deferred = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
 
     def log_lines(self, data: bytes) -> None:
         """Whole lines of this instance's output that reached us another way than its pipes
@@ -227,9 +218,7 @@ class Instance(ProcessProtocol):
         waiters, self._ended = self._ended, []
         for d in waiters:
             d.callback(self)
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for d in waiters:
-            d.callback(self)
+        self._wake_idle()
 
     def connectionMade(self) -> None:
         self._leader_pid = self.transport.pid

@@ -29,7 +29,7 @@ from .proxy import Forward, Front, ProxySite
 from .proxy_control import (RELAY_HEADER, Configure, Idle, PoolSnapshot, Publish, QuietAMP,
                             Settings, Report, WorkerOutput)
 from .reserved import Reserved
-from .rotation import Rotation
+from .rotation import InFlight, Rotation
 from .router import RoutingTable
 
 log = Logger()
@@ -37,7 +37,7 @@ REPORT_SECONDS = 1.0
 DRAIN_POLL_SECONDS = 0.05
 
 
-class MirrorInstance:
+class MirrorInstance(InFlight):
     """A worker instance as this process sees it: where it listens and what it has in
     flight from here."""
 
@@ -59,17 +59,8 @@ class MirrorInstance:
     def request_finished(self) -> None:
         self.inflight -= 1
         self.finished += 1
-        if self.inflight == 0 and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(self)
-
-    def idle(self) -> defer.Deferred:
-        if self.inflight <= 0:
-            return defer.succeed(self)
-        d: defer.Deferred = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
+        if self.inflight == 0:
+            self._wake_idle()
 
     def log_lines(self, data: bytes) -> None:
         """A PHP script's STDERR lines: the supervisor writes the worker's log."""

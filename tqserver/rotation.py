@@ -1,7 +1,8 @@
-"""Which instance of a worker takes the next request, and holding requests while none can.
+"""Which instance of a worker takes the next request, holding requests while none can,
+and counting the requests in flight on an instance.
 
-Shared by WorkerPool (the supervisor's own pools) and the mirrors of them that proxy
-processes keep (proxy_process.MirrorPool)."""
+Shared by WorkerPool and Instance (the supervisor's own) and the mirrors of them that
+proxy processes keep (proxy_process.MirrorPool, MirrorInstance)."""
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -56,3 +57,25 @@ class Rotation:
     @property
     def _reactor(self):
         raise NotImplementedError
+
+
+class InFlight:
+    """Mixin for an instance: ``inflight`` is kept by its request_started/finished; a
+    drain waits on ``idle()``. Subclasses set ``inflight = 0`` and ``_idle_waiters = []``."""
+
+    __slots__ = ()
+    inflight: int
+    _idle_waiters: List[defer.Deferred]
+
+    def idle(self) -> defer.Deferred:
+        """Fires (with the instance) when no request is in flight on it."""
+        if self.inflight <= 0:
+            return defer.succeed(self)
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _wake_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(self)

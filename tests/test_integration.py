@@ -21,6 +21,10 @@ def app(environ, start_response):
 serve(app)
 """
 
+# The same app answering a full HTML page (dev mode appends the live-reload script).
+HTML_WORKER = PY_WORKER.replace('"text/plain"', '"text/html; charset=utf-8"').replace(
+    '"python %s %s"', '"<html><body>page %s %s</body></html>"')
+
 
 def d(coro):
     return defer.ensureDeferred(coro)
@@ -429,9 +433,7 @@ class DevReloadTests(IntegrationBase):
 
     async def _live_reload(self):
         project = self.make_project()
-        html_worker = PY_WORKER.replace('"text/plain"', '"text/html; charset=utf-8"').replace(
-            '"python %s %s"', '"<html><body>page %s %s</body></html>"')
-        project.write("workers/app/src/main.py", html_worker)
+        project.write("workers/app/src/main.py", HTML_WORKER)
         proc = self.start(project)
         client = Client(self)
         await self.wait_healthy(client, project, proc, ["app"], timeout=60)

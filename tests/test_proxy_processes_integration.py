@@ -8,7 +8,7 @@ import os
 from twisted.internet import defer
 
 from .support import Client, processes_of, sleep, wait_until
-from .test_integration import PY_WORKER, EventStream, IntegrationBase, d
+from .test_integration import HTML_WORKER, PY_WORKER, EventStream, IntegrationBase, d
 
 
 def proxy_processes(root: str):
@@ -47,26 +47,28 @@ class Load:
 
 
 class ProxyProcessesTests(IntegrationBase):
-    def make_fleet_project(self):
+    async def start_fleet(self, *args: str, worker: str = PY_WORKER):
+        """twistd with proxy_processes: 2 and one worker, app on /app, serving through
+        both proxy processes: (project, twistd, client)."""
         project = self.make_project()
         path = os.path.join(project.root, "etc", "server.yaml")
         with open(path) as f:
             text = f.read()
         project.write("etc/server.yaml", text.replace("server:\n", "server:\n  proxy_processes: 2\n"))
-        project.write("workers/app/src/main.py", PY_WORKER)
+        project.write("workers/app/src/main.py", worker)
         project.write("workers/app/config/worker.yaml", "path: /app\n")
-        return project
+        proc = self.start(project, *args)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        await wait_until(lambda: _async(len(proxy_processes(project.root)) == 2), 20,
+                         "two proxy processes", proc)
+        return project, proc, client
 
     def test_two_processes_swap_without_failures(self):
         return d(self._swap())
 
     async def _swap(self):
-        project = self.make_fleet_project()
-        proc = self.start(project, "--mode", "prod")
-        client = Client(self)
-        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
-        await wait_until(lambda: _async(len(proxy_processes(project.root)) == 2), 20,
-                         "two proxy processes", proc)
+        project, proc, client = await self.start_fleet("--mode", "prod")
         [old] = worker_processes(project.root)
 
         load = Load(self, project.url + "/app/x")
@@ -103,12 +105,7 @@ class ProxyProcessesTests(IntegrationBase):
         return d(self._killed())
 
     async def _killed(self):
-        project = self.make_fleet_project()
-        proc = self.start(project, "--mode", "prod")
-        client = Client(self)
-        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
-        await wait_until(lambda: _async(len(proxy_processes(project.root)) == 2), 20,
-                         "two proxy processes", proc)
+        project, proc, client = await self.start_fleet("--mode", "prod")
         victim = proxy_processes(project.root)[0]
         victim.kill()
         for _ in range(20):       # the other one keeps serving meanwhile
@@ -130,13 +127,7 @@ class ProxyProcessesTests(IntegrationBase):
         return d(self._dev())
 
     async def _dev(self):
-        project = self.make_fleet_project()
-        html_worker = PY_WORKER.replace('"text/plain"', '"text/html; charset=utf-8"').replace(
-            '"python %s %s"', '"<html><body>page %s %s</body></html>"')
-        project.write("workers/app/src/main.py", html_worker)
-        proc = self.start(project)
-        client = Client(self)
-        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        project, proc, client = await self.start_fleet(worker=HTML_WORKER)
         response, body = await client.get(project.url + "/app/")
         self.assertIn(b"TQServer live reload", body)
         self.assertEqual(response.headers.getRawHeaders(b"x-tqserver-worker-name"), [b"app"])
@@ -148,7 +139,7 @@ class ProxyProcessesTests(IntegrationBase):
         load = Load(self, project.url + "/app/x")
         main = os.path.join(project.root, "workers", "app", "src", "main.py")
         with open(main, "w") as f:
-            f.write(html_worker.replace("page %s", "v2 %s"))
+            f.write(HTML_WORKER.replace("page %s", "v2 %s"))
         await wait_until(events.saw(b'"swap"'), 30, "a swap event", proc)
 
         async def served():

@@ -98,7 +98,7 @@ class SupervisorControl(QuietAMP):
 
     @WorkerOutput.responder
     def worker_output(self, instance: str, data: bytes):
-        inst = self.child.fleet.instance(instance)
+        inst = self.child.fleet.instances().get(instance)
         if inst is not None:
             inst.log_lines(data)
         return {}
@@ -234,8 +234,10 @@ class ProxyFleet(Service):
         self.retired.add(child.requests.snapshot())
         if self.children.get(child.index) is child:
             del self.children[child.index]
+        known = self.instances()
         for instance_id in child.inflight:
-            self._set_inflight(instance_id)
+            if instance_id in known:
+                known[instance_id].requests_elsewhere(0, self._inflight_on(instance_id))
         if not self.running:
             return
         code = getattr(reason.value, "exitCode", None)
@@ -299,28 +301,24 @@ class ProxyFleet(Service):
     def reported(self, child: ProxyChild, instances: dict, requests) -> None:
         child.requests = RequestStats()
         child.requests.add(requests)
-        for instance_id, (finished, inflight) in instances.items():
+        for instance_id, (_, inflight) in instances.items():
             if inflight:
                 child.inflight[instance_id] = inflight
             else:
                 child.inflight.pop(instance_id, None)
-            inst = self._set_inflight(instance_id)
-            if inst is not None and finished:
-                inst.requests_elsewhere(finished, inst.inflight_elsewhere)
+        known = self.instances()
+        for instance_id, (finished, _) in instances.items():
+            inst = known.get(instance_id)
+            if inst is not None:
+                inst.requests_elsewhere(finished, self._inflight_on(instance_id))
 
-    def _set_inflight(self, instance_id: str):
-        inst = self.instance(instance_id)
-        if inst is not None:
-            inst.inflight_elsewhere = sum(c.inflight.get(instance_id, 0)
-                                          for c in self.children.values())
-        return inst
+    def _inflight_on(self, instance_id: str) -> int:
+        return sum(c.inflight.get(instance_id, 0) for c in self.children.values())
 
-    def instance(self, instance_id: str):
-        for pool in self.supervisor.pools.values():
-            for inst in pool.instances:
-                if inst.id == instance_id:
-                    return inst
-        return None
+    def instances(self) -> dict:
+        """Every instance of every pool, by id (one pass, not one per lookup)."""
+        return {inst.id: inst for pool in self.supervisor.pools.values()
+                for inst in pool.instances}
 
     def request_stats(self) -> List[RequestStats]:
         return [self.retired] + [child.requests for child in self.children.values()]

@@ -9,9 +9,9 @@ import attrs
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
-from tqserver import fastcgi
-from tqserver.config import PhpConfig, PhpPoolConfig, default_worker_config
-from tqserver.discovery import WorkerSpec
+from tqserver.config.discovery import WorkerSpec
+from tqserver.config.worker import PhpConfig, PhpPoolConfig, default_worker_config
+from tqserver.fastcgi import client
 from tqserver.runtimes.php import PING_PATH, PhpRuntime, find_php_fpm
 
 from .support import free_port, sleep
@@ -61,7 +61,7 @@ class PhpFpm(protocol.ProcessProtocol):
             if self.ended.called:
                 raise AssertionError("php-fpm exited:\n" + self.text)
             try:
-                response = await fastcgi.request(reactor, self.port, PING, timeout=1.0)
+                response = await client.request(reactor, self.port, PING, timeout=1.0)
                 if response.body == b"pong":
                     return self
             except Exception as e:   # not listening yet

@@ -7,11 +7,10 @@ import textwrap
 import attrs
 from twisted.trial import unittest
 
-from tqserver.config import (
-    ConfigError, ConfigWarning, GoConfig, ServerConfig, WorkerConfig,
-    default_server_config, default_worker_config, load_server_config,
-    load_worker_config, parse_size,
-)
+from tqserver.config.errors import ConfigError, ConfigWarning
+from tqserver.config.fields import parse_size
+from tqserver.config.server import ServerConfig, default_server_config, load_server_config
+from tqserver.config.worker import GoConfig, WorkerConfig, default_worker_config, load_worker_config
 
 
 class _FileMixin:

@@ -6,8 +6,8 @@ import textwrap
 
 from twisted.trial import unittest
 
-from tqserver.config import WorkerConfig
-from tqserver.discovery import discover, infer_type
+from tqserver.config.discovery import discover, infer_type
+from tqserver.config.worker import WorkerConfig
 
 
 class DiscoveryTests(unittest.TestCase):

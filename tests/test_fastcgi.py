@@ -18,14 +18,29 @@ try:
 except ImportError:  # older Twisted
     from twisted.test.proto_helpers import MemoryReactorClock
 
-from tqserver import fastcgi
-from tqserver.fastcgi import (BEGIN_REQUEST, END_REQUEST, HEADER, PARAMS, STDERR, STDIN,
-                              STDOUT, FastCGIConnection, FastCGIError, FastCGIPool,
-                              RecordReader, decode_pairs, encode_pairs, encode_params,
-                              encode_records, parse_cgi_head, split_head)
+from tqserver.fastcgi import client
+from tqserver.fastcgi import codec as fastcgi_codec
+from tqserver.fastcgi.client import FastCGIConnection, FastCGIPool
+from tqserver.fastcgi.codec import (
+    BEGIN_REQUEST,
+    END_REQUEST,
+    HEADER,
+    PARAMS,
+    STDERR,
+    STDIN,
+    STDOUT,
+    FastCGIError,
+    RecordReader,
+    decode_pairs,
+    encode_pairs,
+    encode_params,
+    encode_records,
+    parse_cgi_head,
+    split_head,
+)
 
 from .php_support import PhpFpm, php_spec, require_php_fpm
-from .test_upstream import Transport   # the recording transport of the HTTP upstream tests
+from .test_upstream import Transport  # the recording transport of the HTTP upstream tests
 
 LOST = Failure(error.ConnectionLost("gone"))
 
@@ -214,7 +229,7 @@ async def start_fpm_with_pool(testcase, spec):
     return fpm, pool
 
 
-class Sink(fastcgi.FastCGISink):
+class Sink(client.FastCGISink):
     def __init__(self) -> None:
         self.response = None
         self.chunks: List[bytes] = []
@@ -367,7 +382,7 @@ class ConnectionTests(unittest.TestCase):
         conn = self.connect()
         sink = Sink()
         conn.send(encode_params([]), sink, False, False)
-        conn.dataReceived(end_request(0, fastcgi.OVERLOADED))
+        conn.dataReceived(end_request(0, fastcgi_codec.OVERLOADED))
         self.assertIn("overloaded", sink.failure.getErrorMessage())
 
     def test_head_too_large(self):
@@ -382,7 +397,7 @@ class ConnectionTests(unittest.TestCase):
         conn = self.connect()
         sink = Sink()
         conn.send(encode_params([]), sink, False, False)
-        conn.dataReceived(record(fastcgi.GET_VALUES_RESULT, b"", rid=0)
+        conn.dataReceived(record(fastcgi_codec.GET_VALUES_RESULT, b"", rid=0)
                           + record(STDOUT, b"X: 1\r\n\r\nok") + end_request())
         self.assertTrue(sink.done)
 
@@ -604,7 +619,7 @@ class RealPhpFpmTests(unittest.TestCase):
         return params
 
     def run_request(self, script: str, body: bytes = b"", **extra):
-        return fastcgi.request(reactor, self.fpm.port, self.params(script, **extra), body,
+        return client.request(reactor, self.fpm.port, self.params(script, **extra), body,
                                timeout=60)
 
     @defer.inlineCallbacks
@@ -615,7 +630,7 @@ class RealPhpFpmTests(unittest.TestCase):
         params = self.params("echo.php", QUERY_STRING=b"a=1&b=two", PATH_INFO=b"/extra",
                              HTTP_X_LONG=b"v" * 128, HTTP_X_HUGE=huge)
         params += [(long_name, b"v" * 127), (short_name, b"w" * 128)]
-        response = yield fastcgi.request(reactor, self.fpm.port, params, timeout=30)
+        response = yield client.request(reactor, self.fpm.port, params, timeout=30)
         self.assertEqual(response.code, 200)
         data = json.loads(response.body)
         server = data["server"]
@@ -671,7 +686,7 @@ class RealPhpFpmTests(unittest.TestCase):
         for _ in range(2):
             conn = yield self.pool.acquire(port, limit=2)
             conns.append(conn)
-            sink = fastcgi.Response()
+            sink = client.Response()
             conn.send(encode_params(self.params("echo.php")), sink, False, False)
             response = yield sink.done
             pids.append(json.loads(response.body)["pid"])
@@ -690,7 +705,7 @@ class RealPhpFpmTests(unittest.TestCase):
         @defer.inlineCallbacks
         def one(i):
             conn = yield self.pool.acquire(port, limit=2)
-            sink = fastcgi.Response()
+            sink = client.Response()
             conn.send(encode_params(self.params("echo.php", QUERY_STRING=b"i=%d" % i)), sink,
                       False, False)
             response = yield sink.done
@@ -744,7 +759,7 @@ class RecyclingPhpFpmTests(unittest.TestCase):
             pids = set()
             for _ in range(15):
                 conn = yield self.pool.acquire(port, limit=2, fresh=True)
-                sink = fastcgi.Response()
+                sink = client.Response()
                 conn.send(encode_params(params), sink, False, True)
                 conn.write_body(body)
                 conn.finish_body()

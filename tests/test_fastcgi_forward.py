@@ -12,13 +12,20 @@ import os
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tqserver import fastcgi_forward
-from tqserver.health import Prober
+from tqserver.fastcgi import forward as fastcgi_forward
 from tqserver.runtimes.php import PhpRuntime
+from tqserver.supervise.probe import Prober
 
 from .php_support import PhpFpm, php_spec, require_php_fpm
-from .test_proxy import (FakeInstance, FakePool, ProxyTestCase, closed_port, parse_response,
-                         pattern, wait_until)
+from .test_proxy import (
+    FakeInstance,
+    FakePool,
+    ProxyTestCase,
+    closed_port,
+    parse_response,
+    pattern,
+    wait_until,
+)
 
 INFO_PHP = r"""<?php
 $input = file_get_contents('php://input');

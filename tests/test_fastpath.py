@@ -15,9 +15,9 @@ try:
 except ImportError:  # older Twisted
     from twisted.test.proto_helpers import StringTransport
 
-from tqserver.deadlines import Deadlines
-from tqserver.proxy import ProxyChannel, ProxySite
-from tqserver.wire import write_now
+from tqserver.proxy.deadlines import Deadlines
+from tqserver.proxy.site import ProxyChannel, ProxySite
+from tqserver.proxy.wire import write_now
 
 
 class DeadlinesTests(unittest.TestCase):

@@ -5,10 +5,10 @@ import os
 
 from twisted.trial import unittest
 
-from tqserver.config import default_worker_config
-from tqserver.discovery import WorkerSpec
-from tqserver.fingerprint import Fingerprint, tree_signature
+from tqserver.config.discovery import WorkerSpec
+from tqserver.config.worker import default_worker_config
 from tqserver.runtimes.go import GoRuntime
+from tqserver.supervise.fingerprint import Fingerprint, tree_signature
 
 
 class FingerprintTests(unittest.TestCase):
@@ -102,7 +102,7 @@ class ReloadDecisionTests(unittest.TestCase):
     """Supervisor.reload with pools whose disk state is given."""
 
     def reload(self, pools, everything=False):
-        from tqserver.supervisor import Supervisor
+        from tqserver.supervise.supervisor import Supervisor
         sup = Supervisor.__new__(Supervisor)
         sup.pools = pools
         sup.reload_config = lambda: None

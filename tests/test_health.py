@@ -8,8 +8,11 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from tqserver import health
-from tqserver.health import HealthChecker, Prober, aggregate
+from tqserver.control.health import aggregate
+from tqserver.supervise import health as health_checker
+from tqserver.supervise import probe as health_probe
+from tqserver.supervise.health import HealthChecker
+from tqserver.supervise.probe import Prober
 
 
 class FakePool:
@@ -132,7 +135,7 @@ class ProberTests(unittest.TestCase):
         # so that an instance that can no longer accept() fails its probes
         res = Status(200)
         port = self.listen(res)
-        n = health.REUSE + 1
+        n = health_probe.REUSE + 1
         self.assertEqual((yield self.probe_times(port, n)), [True] * n)
         self.assertEqual(res.connections, 2)
 
@@ -204,7 +207,7 @@ class CheckedPool:
 
 class HealthCheckerTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.patch(health, "BATCH", 2)
+        self.patch(health_checker, "BATCH", 2)
         self.clock = task.Clock()
         self.probed = []      # (time, port)
         self.answers = {}     # port -> bool (default healthy)

@@ -7,8 +7,17 @@ import signal
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from .support import (Client, Project, find_go, kill_leftovers, processes_of, sleep,
-                      spawn_twistd, stop_twistd, wait_until)
+from .support import (
+    Client,
+    Project,
+    find_go,
+    kill_leftovers,
+    processes_of,
+    sleep,
+    spawn_twistd,
+    stop_twistd,
+    wait_until,
+)
 
 PY_WORKER = """
 from tqserver.worker import serve
@@ -253,6 +262,7 @@ class SelfReloadTests(IntegrationBase):
 
     async def _self_reload(self):
         import shutil
+
         from .support import REPO
         code_copy = os.path.abspath(self.mktemp())
         shutil.copytree(os.path.join(REPO, "tqserver"), os.path.join(code_copy, "tqserver"),
@@ -270,7 +280,7 @@ class SelfReloadTests(IntegrationBase):
         async def restarted():
             # hupper learns the module list a moment after start and misses an edit made
             # before that; so edit, give the restart a few seconds, edit again if needed
-            with open(os.path.join(code_copy, "tqserver", "pages.py"), "a") as f:
+            with open(os.path.join(code_copy, "tqserver", "proxy", "pages.py"), "a") as f:
                 f.write("\n# edited by the test\n")
             for _ in range(50):
                 if proc.text.count("TQServer starting") >= 2:

@@ -39,8 +39,9 @@ class Requests:
 
     async def send(self, method: bytes, url: str, body: bytes = b"",
                    headers=None, timeout: float = 30.0):
-        from twisted.web.client import FileBodyProducer
         import io
+
+        from twisted.web.client import FileBodyProducer
         producer = FileBodyProducer(io.BytesIO(body)) if body else None
         d = self.agent.request(method, url.encode(), Headers(headers or {}), producer)
         d.addTimeout(timeout, reactor)

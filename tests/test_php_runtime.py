@@ -11,17 +11,17 @@ from twisted.internet import address
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from tqserver import process
-from tqserver.cgiparams import Script, cgi_params, resolve_script
-from tqserver.config import (ConfigError, PhpConfig, PhpPoolConfig, default_server_config,
-                             load_worker_config)
-from tqserver.pool import PoolContext, WorkerPool
-from tqserver.ports import PortPool
-from tqserver.process import Instance
+from tqserver.config.errors import ConfigError
+from tqserver.config.server import default_server_config
+from tqserver.config.worker import PhpConfig, PhpPoolConfig, load_worker_config
+from tqserver.fastcgi.cgi import Script, cgi_params, resolve_script
 from tqserver.runtimes import ToolchainMissing, runtime_for
 from tqserver.runtimes import php as php_runtime
-from tqserver.runtimes.php import (PhpRuntime, connection_limit, find_php_fpm, fpm_config,
-                                   ini_value)
+from tqserver.runtimes.php import PhpRuntime, connection_limit, find_php_fpm, fpm_config, ini_value
+from tqserver.supervise import instance as process
+from tqserver.supervise.instance import Instance
+from tqserver.supervise.pool import PoolContext, WorkerPool
+from tqserver.supervise.ports import PortPool
 
 from .fakes import FakeProcessReactor, GroupSignals, ScriptedProbe
 from .php_support import php_spec

@@ -19,13 +19,13 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from tqserver.build import run_build
-from tqserver.discovery import discover
+from tqserver.config.discovery import discover
 from tqserver.runtimes import ToolchainMissing
 from tqserver.runtimes.bun import BunRuntime
 from tqserver.runtimes.kotlin import KotlinRuntime
+from tqserver.supervise.build import run_build
 
-from .support import (REPO, Client, Project, processes_of, sleep, stop_twistd, wait_until)
+from .support import REPO, Client, Project, processes_of, sleep, stop_twistd, wait_until
 from .test_integration import IntegrationBase, d
 
 KOTLIN_GREETING = b"Hello from Kotlin!\n"

@@ -7,13 +7,14 @@ import signal
 import attrs
 from twisted.trial import unittest
 
-from tqserver import process
-from tqserver.config import default_server_config, default_worker_config
-from tqserver.discovery import WorkerSpec
-from tqserver.health import HealthChecker
-from tqserver.pool import PoolContext, WorkerPool
-from tqserver.ports import PortPool
+from tqserver.config.discovery import WorkerSpec
+from tqserver.config.server import default_server_config
+from tqserver.config.worker import default_worker_config
 from tqserver.runtimes.command import CommandRuntime
+from tqserver.supervise import instance as process
+from tqserver.supervise.health import HealthChecker
+from tqserver.supervise.pool import PoolContext, WorkerPool
+from tqserver.supervise.ports import PortPool
 
 from .fakes import FakeProcessReactor, GroupSignals, ScriptedProbe
 
@@ -311,7 +312,7 @@ class RecycleTests(PoolTestBase):
         self.assertEqual(self.pool.restarts["max_requests"], 1)
 
     def test_memory_limit_recycles(self) -> None:
-        from tqserver import pool as pool_module
+        from tqserver.supervise import pool as pool_module
         self.pool.spec = attrs.evolve(self.spec, config=attrs.evolve(
             self.spec.config, memory_limit=100 * 2**20))
         inst = self.start_healthy()
@@ -325,7 +326,7 @@ class RecycleTests(PoolTestBase):
         self.assertEqual(self.pool.restarts["memory"], 1)
 
     def test_jitter(self) -> None:
-        from tqserver.pool import jitter
+        from tqserver.supervise.pool import jitter
         self.assertEqual(jitter(0), 0)
         values = {jitter(1000) for _ in range(200)}
         self.assertTrue(all(1000 <= v <= 1100 for v in values))

@@ -5,7 +5,7 @@ import socket
 
 from twisted.trial import unittest
 
-from tqserver.ports import PortPool, PortsExhausted, port_is_free
+from tqserver.supervise.ports import PortPool, PortsExhausted, port_is_free
 
 
 class PortPoolTests(unittest.TestCase):

@@ -9,9 +9,9 @@ import sys
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from tqserver.build import run_build
-from tqserver.process import Instance
 from tqserver.runtimes import BuildStep
+from tqserver.supervise.build import run_build
+from tqserver.supervise.instance import Instance
 
 
 def pid_alive(pid: int) -> bool:

@@ -28,11 +28,14 @@ try:
 except ImportError:  # older Twisted
     from twisted.test.proto_helpers import StringTransport
 
-from tqserver.config import TimeoutsConfig, WorkerConfig, default_server_config
-from tqserver.discovery import WorkerSpec
-from tqserver.metrics import Metrics
-from tqserver.proxy import Forward, Front, ProxyChannel, ProxyRequest, ProxySite
-from tqserver.router import RoutingTable
+from tqserver.config.discovery import WorkerSpec
+from tqserver.config.server import default_server_config
+from tqserver.config.worker import TimeoutsConfig, WorkerConfig
+from tqserver.control.metrics import Metrics
+from tqserver.proxy.forward import Forward
+from tqserver.proxy.front import Front
+from tqserver.proxy.router import RoutingTable
+from tqserver.proxy.site import ProxyChannel, ProxyRequest, ProxySite
 
 DEADLINE = 10.0
 

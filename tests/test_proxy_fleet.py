@@ -11,15 +11,16 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyChannel
 
-from tqserver.config import WorkerConfig, default_server_config
-from tqserver.discovery import WorkerSpec
-from tqserver.logs import ServerLogObserver
-from tqserver.metrics import Metrics, RequestStats
-from tqserver.process import Instance
-from tqserver.proxy_control import PoolSnapshot, Publish
-from tqserver.proxy_fleet import ProxyFleet, RelayRequest, proxy_process_count
-from tqserver.proxy_process import ProxyProcess
-from tqserver.router import RoutingTable
+from tqserver.config.discovery import WorkerSpec
+from tqserver.config.server import default_server_config
+from tqserver.config.worker import WorkerConfig
+from tqserver.control.metrics import Metrics, RequestStats
+from tqserver.fleet.child import ProxyProcess
+from tqserver.fleet.parent import ProxyFleet, RelayRequest, proxy_process_count
+from tqserver.fleet.protocol import PoolSnapshot, Publish
+from tqserver.logs.observer import ServerLogObserver
+from tqserver.proxy.router import RoutingTable
+from tqserver.supervise.instance import Instance
 
 from .fakes import FakeProcessReactor, FakeProcessTransport
 
@@ -136,7 +137,7 @@ class FleetTests(unittest.TestCase):
         h = Harness(2)
         self.assertEqual(len(h.reactor.spawned), 2)
         argv = h.reactor.spawned[0].argv
-        self.assertEqual(argv[1:5], ["-m", "tqserver.proxy_process", "--index", "1"])
+        self.assertEqual(argv[1:5], ["-m", "tqserver.fleet.child", "--index", "1"])
         self.assertEqual(h.reactor.spawned[1].env["TQSERVER_PROXY_PROCESS"], "2")
         for child in h.children:
             self.assertEqual(child.shared.relay_port, 45678)
@@ -397,6 +398,7 @@ class SharedSocketTests(unittest.TestCase):
         import fcntl
         import os
         import socket
+
         from twisted.internet import protocol, reactor
         listener = socket.socket()
         self.addCleanup(listener.close)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from tqserver.router import RoutingTable, normalize_route, strip_prefix
+from tqserver.proxy.router import RoutingTable, normalize_route, strip_prefix
 
 
 class RoutingTableTests(unittest.TestCase):

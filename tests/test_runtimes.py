@@ -15,16 +15,17 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tqserver import runtimes
-from tqserver.build import run_build
-from tqserver.config import default_server_config, default_worker_config
-from tqserver.discovery import WorkerSpec
-from tqserver.fingerprint import Fingerprint
-from tqserver.pool import PoolContext, WorkerPool
-from tqserver.ports import PortPool
+from tqserver.config.discovery import WorkerSpec
+from tqserver.config.server import default_server_config
+from tqserver.config.worker import default_worker_config
 from tqserver.runtimes import CannotBuild, ToolchainMissing, buildhelper, runtime_for
-from tqserver.runtimes.bun import BunRuntime, npm_global_bins, _npmrc_prefix
+from tqserver.runtimes.bun import BunRuntime, _npmrc_prefix, npm_global_bins
 from tqserver.runtimes.command import CommandRuntime
 from tqserver.runtimes.kotlin import KotlinRuntime
+from tqserver.supervise.build import run_build
+from tqserver.supervise.fingerprint import Fingerprint
+from tqserver.supervise.pool import PoolContext, WorkerPool
+from tqserver.supervise.ports import PortPool
 
 from .fakes import FakeProcessReactor, ScriptedProbe
 

@@ -7,12 +7,12 @@ import os
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from tqserver import static
-from tqserver.static import resolve_public_file, serve_file
+from tqserver.proxy import static
+from tqserver.proxy.static import resolve_public_file, serve_file
 
 MTIME = 1700000000  # 2023-11-14 22:13:20 GMT, fixed so date headers are predictable
 

@@ -90,6 +90,7 @@ class OptionsTests(unittest.TestCase):
 
     def test_listen_address(self) -> None:
         import socket
+
         from tqserver.tap import listen_address
         self.assertEqual(listen_address("tcp:8080"), ("0.0.0.0", 8080, socket.AF_INET))
         self.assertEqual(listen_address("tcp6:8080"), ("::", 8080, socket.AF_INET6))

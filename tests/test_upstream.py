@@ -15,9 +15,14 @@ try:
 except ImportError:  # older Twisted
     from twisted.test.proto_helpers import MemoryReactorClock, StringTransport
 
-from tqserver import upstream
-from tqserver.upstream import (UpstreamConnection, UpstreamError, UpstreamPool, UpstreamSink,
-                               parse_head)
+from tqserver.proxy import upstream
+from tqserver.proxy.upstream import (
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamSink,
+    parse_head,
+)
 
 LOST = Failure(error.ConnectionLost("gone"))
 DONE = Failure(error.ConnectionDone("closed"))

@@ -8,8 +8,8 @@ import attrs
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from tqserver.config import default_server_config
-from tqserver.watch import Change, Debouncer, DevWatcher, classify
+from tqserver.config.server import default_server_config
+from tqserver.supervise.watch import Change, Debouncer, DevWatcher, classify
 
 
 class ClassifyTests(unittest.TestCase):

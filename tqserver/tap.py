@@ -1,16 +1,16 @@
 """``twistd tqserver``: command-line options and the service tree.
 
-    TQServer (MultiService)
-    ├── Supervisor            pools of worker instances + HealthChecker
-    └── proxy endpoint(s)     twisted.web ProxySite on the public port(s)
+TQServer (MultiService)
+├── Supervisor            pools of worker instances + HealthChecker
+└── proxy endpoint(s)     twisted.web ProxySite on the public port(s)
 """
+
 from __future__ import annotations
 
 import os
 import re
 import socket
 import sys
-from typing import List, Optional, Tuple
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -18,13 +18,16 @@ from twisted.internet import endpoints
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from .config import ConfigError, ServerConfig, default_server_config, load_server_config
-from .logs import ServerLogObserver, resolve_template
-from .proxy import Front, ProxySite
-from .proxy_fleet import ProxyFleet, proxy_process_count
-from .reserved import Reserved
-from .supervisor import Supervisor
-from .watch import DevWatcher, HangupReload
+from tqserver.config.errors import ConfigError
+from tqserver.config.server import ServerConfig, default_server_config, load_server_config
+from tqserver.control.reserved import Reserved
+from tqserver.fleet.parent import ProxyFleet, proxy_process_count
+from tqserver.logs.files import resolve_template
+from tqserver.logs.observer import ServerLogObserver
+from tqserver.proxy.front import Front
+from tqserver.proxy.site import ProxySite
+from tqserver.supervise.supervisor import Supervisor
+from tqserver.supervise.watch import DevWatcher, HangupReload
 
 log = Logger()
 access_log = Logger(namespace="tqserver.access")
@@ -34,19 +37,33 @@ MODES = {"dev": "dev", "development": "dev", "prod": "prod", "production": "prod
 
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = ("Run the workers found under workers/ behind one reverse proxy, with health "
-                "checks and zero-downtime reloads (dev: on file save; prod: on SIGHUP).")
+    longdesc = (
+        "Run the workers found under workers/ behind one reverse proxy, with health "
+        "checks and zero-downtime reloads (dev: on file save; prod: on SIGHUP)."
+    )
     optParameters = [
-        ["config", "c", "etc/server.yaml",
-         "Server configuration file, relative to --root or absolute."],
+        [
+            "config",
+            "c",
+            "etc/server.yaml",
+            "Server configuration file, relative to --root or absolute.",
+        ],
         ["root", "r", ".", "Project root: holds etc/, workers/, logs/ and run/."],
-        ["mode", "m", None,
-         "dev or prod (also development/production). Default: $TQSERVER_MODE, else dev."],
+        [
+            "mode",
+            "m",
+            None,
+            "dev or prod (also development/production). Default: $TQSERVER_MODE, else dev.",
+        ],
     ]
     optFlags = [
         ["quiet", "q", "No console log; log to the configured files only."],
-        ["reload", None, "Dev only: restart the supervisor when TQServer's own Python "
-                         "source changes (uses hupper)."],
+        [
+            "reload",
+            None,
+            "Dev only: restart the supervisor when TQServer's own Python "
+            "source changes (uses hupper).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -76,13 +93,14 @@ class Options(usage.Options):
             problem = _listen_problem(description)
             if problem:
                 raise fatal(problem)
-        self["proxy_processes"] = proxy_process_count(
-            self["server_config"].server.proxy_processes)
+        self["proxy_processes"] = proxy_process_count(self["server_config"].server.proxy_processes)
         if self["proxy_processes"] > 1:
             for description in self["listen"]:
                 if tcp_address(description) is None:
-                    raise fatal(f"--listen {description}: server.proxy_processes > 1 shares "
-                                "TCP listening sockets only (tcp: or tcp6: endpoints)")
+                    raise fatal(
+                        f"--listen {description}: server.proxy_processes > 1 shares "
+                        "TCP listening sockets only (tcp: or tcp6: endpoints)"
+                    )
         if self["reload"]:
             if self["mode"] != "dev":
                 raise fatal("--reload is for dev mode only")
@@ -103,11 +121,14 @@ def start_self_reloader() -> None:
     in a fresh child whenever a loaded Python module (TQServer's own code included)
     changes. In the child, hupper is active and startup continues normally."""
     import hupper
+
     if hupper.is_active():
         return
-    twistd_args = sys.argv[1:sys.argv.index("tqserver")] if "tqserver" in sys.argv else []
-    if not any(arg == "--nodaemon" or (arg[:1] == "-" and arg[1:2] != "-" and "n" in arg)
-               for arg in twistd_args):
+    twistd_args = sys.argv[1 : sys.argv.index("tqserver")] if "tqserver" in sys.argv else []
+    if not any(
+        arg == "--nodaemon" or (arg[:1] == "-" and arg[1:2] != "-" and "n" in arg)
+        for arg in twistd_args
+    ):
         raise fatal("--reload needs the foreground: twistd -n tqserver --reload")
     hupper.start_reloader("tqserver.tap.run_twistd", shutdown_interval=10)
 
@@ -115,6 +136,7 @@ def start_self_reloader() -> None:
 def run_twistd() -> None:
     """The command hupper re-runs (with the original sys.argv)."""
     from twisted.scripts.twistd import run
+
     run()
 
 
@@ -124,7 +146,7 @@ def fatal(message: str) -> SystemExit:
     return SystemExit(f"tqserver: {message}")
 
 
-def tcp_address(description: str) -> Optional[Tuple[str, Optional[int]]]:
+def tcp_address(description: str) -> tuple[str, int | None] | None:
     """(interface, port) of a tcp:/tcp6: endpoint description, None for other kinds; the
     port is None when the description has no valid one."""
     parts = re.split(r"(?<!\\):", description)
@@ -139,7 +161,7 @@ def tcp_address(description: str) -> Optional[Tuple[str, Optional[int]]]:
         return host, None
 
 
-def _listen_problem(description: str) -> Optional[str]:
+def _listen_problem(description: str) -> str | None:
     """A clear sentence when a TCP endpoint cannot be bound now (port taken, bad address)."""
     address = tcp_address(description)
     if address is None:
@@ -159,14 +181,14 @@ def _listen_problem(description: str) -> Optional[str]:
     return None
 
 
-def listen_address(description: str) -> Tuple[str, int, int]:
+def listen_address(description: str) -> tuple[str, int, int]:
     """(host, port, address family) of a tcp:/tcp6: endpoint description."""
     host, port = tcp_address(description)
     family = socket.AF_INET6 if ":" in host or description.startswith("tcp6") else socket.AF_INET
     return host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port, family
 
 
-def _public_url(listen: List[str]) -> str:
+def _public_url(listen: list[str]) -> str:
     """Where workers can reach the supervisor itself (TQSERVER_URL)."""
     for description in listen:
         address = tcp_address(description)
@@ -200,6 +222,7 @@ class TQServer(MultiService):
         # twistd re-raises SIGTERM/SIGINT on itself after a clean shutdown, so the exit
         # status would say "killed". Every worker was drained and stopped: report success.
         from twisted.internet import reactor
+
         if getattr(reactor, "_exitSignal", None) is not None:
             reactor._exitSignal = None
         return result
@@ -225,11 +248,18 @@ class AccessLog:
         if self.supervisor.config.server.access_log:
             access_log.info(
                 '{client} "{method} {path} {proto}" {code} {size} {ms:.1f}ms worker={worker} '
-                'instance={instance} rid={rid}',
-                client=request.client_ip, method=request.method.decode("latin-1"),
-                path=request.uri.decode("latin-1"), proto=request.clientproto.decode("latin-1"),
-                code=code, size=request.sentLength, ms=seconds * 1000, worker=worker,
-                instance=instance, rid=request.request_id.decode("latin-1"))
+                "instance={instance} rid={rid}",
+                client=request.client_ip,
+                method=request.method.decode("latin-1"),
+                path=request.uri.decode("latin-1"),
+                proto=request.clientproto.decode("latin-1"),
+                code=code,
+                size=request.sentLength,
+                ms=seconds * 1000,
+                worker=worker,
+                instance=instance,
+                rid=request.request_id.decode("latin-1"),
+            )
 
 
 def freeze_startup_heap() -> None:
@@ -238,6 +268,7 @@ def freeze_startup_heap() -> None:
     load (a ~40 ms pause every few seconds at a few thousand requests/s). PyPy has no
     gc.freeze and needs none."""
     import gc
+
     freeze = getattr(gc, "freeze", None)
     if freeze is not None:
         gc.collect()
@@ -250,13 +281,20 @@ def makeService(options: Options):
     root = options["root"]
     config: ServerConfig = options["server_config"]
     observer = ServerLogObserver(
-        quiet=options["quiet"], file_template=resolve_template(config.server.log_file, root))
+        quiet=options["quiet"], file_template=resolve_template(config.server.log_file, root)
+    )
     top = TQServer(observer)
     for warning in options["warnings"]:
         log.warn("{warning}", warning=str(warning))
 
-    supervisor = Supervisor(reactor, root, options["config"], options["mode"], config,
-                            public_url=_public_url(options["listen"]))
+    supervisor = Supervisor(
+        reactor,
+        root,
+        options["config"],
+        options["mode"],
+        config,
+        public_url=_public_url(options["listen"]),
+    )
     supervisor.setServiceParent(top)
     HangupReload(reactor, supervisor.reload).setServiceParent(top)
     if options["mode"] == "dev":
@@ -264,18 +302,25 @@ def makeService(options: Options):
     front = Front(supervisor, reactor)
     front.reserved = Reserved(supervisor)
     supervisor.front = front
-    site = ProxySite(front, timeout=config.server.idle_timeout_seconds,
-                     log_access=AccessLog(supervisor, reactor))
+    site = ProxySite(
+        front, timeout=config.server.idle_timeout_seconds, log_access=AccessLog(supervisor, reactor)
+    )
 
     def apply_server_config(new: ServerConfig) -> None:
         """What a reloaded server.yaml changes outside the supervisor."""
         observer.set_file(resolve_template(new.server.log_file, root))
-        site.timeout = new.server.idle_timeout_seconds   # for new connections
+        site.timeout = new.server.idle_timeout_seconds  # for new connections
+
     supervisor.config_listeners.append(apply_server_config)
     reactor.callWhenRunning(freeze_startup_heap)
     if options["proxy_processes"] > 1:
-        fleet = ProxyFleet(supervisor, reactor, [listen_address(d) for d in options["listen"]],
-                           options["proxy_processes"], quiet=options["quiet"])
+        fleet = ProxyFleet(
+            supervisor,
+            reactor,
+            [listen_address(d) for d in options["listen"]],
+            options["proxy_processes"],
+            quiet=options["quiet"],
+        )
         fleet.setServiceParent(top)
         supervisor.config_listeners.append(fleet.configure)
     else:
@@ -284,8 +329,12 @@ def makeService(options: Options):
             service = StreamServerEndpointService(endpoint, site)
             service._raiseSynchronously = True
             service.setServiceParent(top)
-    log.info("TQServer starting in {mode} mode, root {root}, listening on {listen}",
-             mode=options["mode"], root=root, listen=", ".join(options["listen"]))
+    log.info(
+        "TQServer starting in {mode} mode, root {root}, listening on {listen}",
+        mode=options["mode"],
+        root=root,
+        listen=", ".join(options["listen"]),
+    )
     return top
 
 

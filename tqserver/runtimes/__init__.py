@@ -2,17 +2,17 @@
 
 A runtime only describes commands; running them belongs to build.py and process.py.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import signal
 import sys
-from typing import Dict, List, Optional, Tuple
 
 import attrs
 
-from ..discovery import WorkerSpec
+from tqserver.config.discovery import WorkerSpec
 
 
 class CannotBuild(Exception):
@@ -26,18 +26,19 @@ class ToolchainMissing(CannotBuild):
 
 @attrs.frozen
 class BuildStep:
-    argv: List[str]
+    argv: list[str]
     cwd: str
-    env: Dict[str, str] = attrs.field(factory=dict)
+    env: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class Probe:
     """How an instance's health is asked: HTTP GET of the worker's health_path, or a
     FastCGI request for a fixed path whose answer must carry ``expect``."""
-    protocol: str = "http"                 # "http" | "fastcgi"
-    path: Optional[str] = None             # None: the worker's health_path
-    expect: Optional[bytes] = None         # the body a healthy answer carries (None: any)
+
+    protocol: str = "http"  # "http" | "fastcgi"
+    path: str | None = None  # None: the worker's health_path
+    expect: bytes | None = None  # the body a healthy answer carries (None: any)
 
 
 HTTP_PROBE = Probe()
@@ -47,8 +48,9 @@ HTTP_PROBE = Probe()
 class Launch:
     """What starting one instance takes: its argv, and the files generated for it (removed
     when it exits)."""
-    argv: List[str]
-    files: Tuple[str, ...] = ()
+
+    argv: list[str]
+    files: tuple[str, ...] = ()
 
 
 _HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "buildhelper.py")
@@ -64,21 +66,20 @@ class Runtime:
 
     type = "command"
     probe: Probe = HTTP_PROBE
-    stop_signal: int = signal.SIGTERM   # the worker contract: finish in-flight requests, exit
+    stop_signal: int = signal.SIGTERM  # the worker contract: finish in-flight requests, exit
 
-    def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
+    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
         """Commands that turn sources into something runnable (empty: nothing to build)."""
         return []
 
-    def run_argv(self, spec: WorkerSpec, port: int) -> List[str]:
+    def run_argv(self, spec: WorkerSpec, port: int) -> list[str]:
         raise NotImplementedError
 
-    def build_env(self, spec: WorkerSpec, mode: str) -> Dict[str, str]:
+    def build_env(self, spec: WorkerSpec, mode: str) -> dict[str, str]:
         """Extra environment for the build steps in this mode ("dev" | "prod")."""
         return {}
 
-    def launch(self, spec: WorkerSpec, port: int, instance_id: str, root: str,
-               mode: str) -> Launch:
+    def launch(self, spec: WorkerSpec, port: int, instance_id: str, root: str, mode: str) -> Launch:
         """Everything one instance needs on disk and its argv (most runtimes: just argv)."""
         return Launch(self.run_argv(spec, port))
 
@@ -87,24 +88,24 @@ class Runtime:
         in flight on it, before it is sent ``stop_signal``."""
         return settings.shutdown_grace_period_ms / 1000.0
 
-    def env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
+    def env(self, spec: WorkerSpec, port: int) -> dict[str, str]:
         """Runtime-specific environment on top of the worker contract's."""
         return {}
 
-    def config_env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
+    def config_env(self, spec: WorkerSpec, port: int) -> dict[str, str]:
         """worker.yaml's ``env:`` as the instance gets it (applied last, so it wins)."""
         return dict(spec.config.env)
 
-    def build_inputs(self, spec: WorkerSpec) -> List[str]:
+    def build_inputs(self, spec: WorkerSpec) -> list[str]:
         """Paths whose mtimes decide whether a rebuild is needed (prod reload)."""
         return [os.path.join(spec.directory, "src")]
 
-    def artifact(self, spec: WorkerSpec) -> Optional[str]:
+    def artifact(self, spec: WorkerSpec) -> str | None:
         """The file a build produces (a deployed one is restarted without a build)."""
         return None
 
 
-def find_tool(name: str, *fallbacks: str) -> Optional[str]:
+def find_tool(name: str, *fallbacks: str) -> str | None:
     """A toolchain binary on PATH, else at a well-known install location."""
     found = shutil.which(name)
     if found:
@@ -120,11 +121,17 @@ def binary_name(spec: WorkerSpec) -> str:
     return spec.name.rsplit("/", 1)[-1] or "worker"
 
 
-def _registry() -> Dict[str, Runtime]:
-    from . import bun, command, go, kotlin, php, python
-    return {"go": go.GoRuntime(), "python": python.PythonRuntime(),
-            "bun": bun.BunRuntime(), "kotlin": kotlin.KotlinRuntime(),
-            "php": php.PhpRuntime(), "command": command.CommandRuntime()}
+def _registry() -> dict[str, Runtime]:
+    from tqserver.runtimes import bun, command, go, kotlin, php, python
+
+    return {
+        "go": go.GoRuntime(),
+        "python": python.PythonRuntime(),
+        "bun": bun.BunRuntime(),
+        "kotlin": kotlin.KotlinRuntime(),
+        "php": php.PhpRuntime(),
+        "command": command.CommandRuntime(),
+    }
 
 
 def runtime_for(type_: str) -> Runtime:

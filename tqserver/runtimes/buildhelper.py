@@ -7,12 +7,12 @@ reactor and a failed or cancelled build leaves nothing half-done.
 
 Standard library only: it runs as a script, without tqserver on the path.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import sys
-from typing import List, Optional
 
 # Jars a build tool produces that are not the runnable application.
 _NOT_RUNNABLE = ("-sources.jar", "-javadoc.jar", "-plain.jar", "-tests.jar", "-test.jar")
@@ -27,15 +27,14 @@ def touch(path: str) -> None:
     os.utime(path, None)
 
 
-def pick_jar(directory: str) -> Optional[str]:
+def pick_jar(directory: str) -> str | None:
     """The runnable jar a Gradle or Maven build left in ``directory``: a fat jar if there
     is one, else the newest ordinary jar."""
     try:
         names = [n for n in os.listdir(directory) if n.endswith(".jar")]
     except OSError:
         return None
-    names = [n for n in names
-             if not n.endswith(_NOT_RUNNABLE) and not n.startswith("original-")]
+    names = [n for n in names if not n.endswith(_NOT_RUNNABLE) and not n.startswith("original-")]
     if not names:
         return None
     paths = [os.path.join(directory, n) for n in names]
@@ -43,16 +42,19 @@ def pick_jar(directory: str) -> Optional[str]:
     return max(fat or paths, key=lambda p: (os.stat(p).st_mtime_ns, p))
 
 
-def install_jar(source: str, dest: str, stamp: Optional[str] = None,
-                digest: Optional[str] = None) -> None:
+def install_jar(
+    source: str, dest: str, stamp: str | None = None, digest: str | None = None
+) -> None:
     """Put the built jar at ``dest`` by rename, never by rewriting it in place: a running
     JVM keeps reading its own (old) jar lazily, and must not see a new one under it."""
     if os.path.isdir(source):
         found = pick_jar(source)
         if found is None:
-            raise SystemExit(f"the build succeeded but left no runnable jar in {source}/ "
-                             "(make it produce one, e.g. a fat jar with shadowJar or "
-                             "maven-assembly)")
+            raise SystemExit(
+                f"the build succeeded but left no runnable jar in {source}/ "
+                "(make it produce one, e.g. a fat jar with shadowJar or "
+                "maven-assembly)"
+            )
         source = found
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     if os.path.dirname(os.path.abspath(source)) == os.path.dirname(os.path.abspath(dest)):
@@ -69,7 +71,7 @@ def install_jar(source: str, dest: str, stamp: Optional[str] = None,
         os.replace(partial, stamp)
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "touch":
         touch(argv[1])
         return 0

@@ -5,38 +5,47 @@ The last successful install is remembered by a stamp file in node_modules/, whos
 is compared with package.json's and the lockfile's: stat calls only, so deciding costs the
 reactor nothing, and an unchanged worker is swapped without waiting for bun.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
 
-from ..discovery import WorkerSpec
-from . import BuildStep, Runtime, ToolchainMissing, find_tool, helper_step
+from tqserver.config.discovery import WorkerSpec
+from tqserver.runtimes import BuildStep, Runtime, ToolchainMissing, find_tool, helper_step
 
-INSTALL_HINT = ("Bun is not installed (not on PATH nor in npm's global bin): "
-                "install Bun: npm install -g bun (or bin/install-toolchains --only bun)")
+INSTALL_HINT = (
+    "Bun is not installed (not on PATH nor in npm's global bin): "
+    "install Bun: npm install -g bun (or bin/install-toolchains --only bun)"
+)
 LOCKFILES = ("bun.lock", "bun.lockb")
 STAMP = os.path.join("node_modules", ".tqserver-installed")
 SOURCE_SUFFIXES = (".ts", ".tsx", ".mts", ".cts", ".js", ".jsx", ".mjs", ".cjs")
 _NOT_SOURCES = {"node_modules", "bin", "public", "config", "logs"}
 
 
-def npm_global_bins() -> List[str]:
+def npm_global_bins() -> list[str]:
     """Where ``npm install -g`` (and Bun's own installer) put executables, found without
     running npm: a supervisor started by systemd may have a bare PATH."""
     home = os.path.expanduser("~")
-    prefixes = [os.environ.get("NPM_CONFIG_PREFIX"), os.environ.get("npm_config_prefix"),
-                _npmrc_prefix(os.path.join(home, ".npmrc"))]
+    prefixes = [
+        os.environ.get("NPM_CONFIG_PREFIX"),
+        os.environ.get("npm_config_prefix"),
+        _npmrc_prefix(os.path.join(home, ".npmrc")),
+    ]
     bins = [os.path.join(p, "bin") for p in prefixes if p]
     node = find_tool("node")
-    if node:   # npm's default global prefix is the one node itself is installed under
+    if node:  # npm's default global prefix is the one node itself is installed under
         bins += [os.path.dirname(node), os.path.dirname(os.path.realpath(node))]
-    bins += ["/usr/local/bin", "/usr/bin", os.path.join(home, ".npm-global", "bin"),
-             os.path.join(os.environ.get("BUN_INSTALL") or os.path.join(home, ".bun"), "bin")]
+    bins += [
+        "/usr/local/bin",
+        "/usr/bin",
+        os.path.join(home, ".npm-global", "bin"),
+        os.path.join(os.environ.get("BUN_INSTALL") or os.path.join(home, ".bun"), "bin"),
+    ]
     return list(dict.fromkeys(bins))
 
 
-def _npmrc_prefix(path: str) -> Optional[str]:
+def _npmrc_prefix(path: str) -> str | None:
     try:
         with open(path) as f:
             for line in f:
@@ -48,7 +57,7 @@ def _npmrc_prefix(path: str) -> Optional[str]:
     return None
 
 
-def _mtime(path: str) -> Optional[int]:
+def _mtime(path: str) -> int | None:
     try:
         return os.stat(path).st_mtime_ns
     except OSError:
@@ -67,7 +76,7 @@ class BunRuntime(Runtime):
     def entrypoint(self, spec: WorkerSpec) -> str:
         return os.path.join(spec.directory, spec.config.bun.entrypoint)
 
-    def lockfile(self, spec: WorkerSpec) -> Optional[str]:
+    def lockfile(self, spec: WorkerSpec) -> str | None:
         for name in LOCKFILES:
             path = os.path.join(spec.directory, name)
             if os.path.exists(path):
@@ -91,27 +100,34 @@ class BunRuntime(Runtime):
         # ">=": mtimes tick coarsely; an edit in the same tick as the stamp must count.
         return newest >= stamp
 
-    def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
-        bun = self.bun()    # also checked when there is nothing to install: run needs it
+    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
+        bun = self.bun()  # also checked when there is nothing to install: run needs it
         if not self.install_needed(spec):
             return []
-        return [BuildStep([bun, "install"], spec.directory),
-                helper_step(spec.directory, "touch", os.path.join(spec.directory, STAMP))]
+        return [
+            BuildStep([bun, "install"], spec.directory),
+            helper_step(spec.directory, "touch", os.path.join(spec.directory, STAMP)),
+        ]
 
-    def run_argv(self, spec: WorkerSpec, port: int) -> List[str]:
+    def run_argv(self, spec: WorkerSpec, port: int) -> list[str]:
         return [self.bun(), "run", self.entrypoint(spec)]
 
-    def env(self, spec: WorkerSpec, port: int) -> Dict[str, str]:
+    def env(self, spec: WorkerSpec, port: int) -> dict[str, str]:
         return dict(spec.config.bun.env)
 
-    def build_inputs(self, spec: WorkerSpec) -> List[str]:
+    def build_inputs(self, spec: WorkerSpec) -> list[str]:
         """The entry point, every script under the worker but outside node_modules, the
         manifest and the lockfile."""
         d = spec.directory
         found = {self.entrypoint(spec)}
         for parent, dirs, files in os.walk(d):
-            dirs[:] = sorted(n for n in dirs if not n.startswith(".") and not (
-                parent == d and n in _NOT_SOURCES) and n != "node_modules")
+            dirs[:] = sorted(
+                n
+                for n in dirs
+                if not n.startswith(".")
+                and not (parent == d and n in _NOT_SOURCES)
+                and n != "node_modules"
+            )
             found.update(os.path.join(parent, n) for n in files if n.endswith(SOURCE_SUFFIXES))
         found.add(os.path.join(d, "package.json"))
         found.update(os.path.join(d, n) for n in LOCKFILES)

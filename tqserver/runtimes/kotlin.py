@@ -6,32 +6,52 @@ rename after a successful build (a running JVM must not see its jar rewritten), 
 with a digest of the build inputs: an unchanged worker is not recompiled (a kotlinc run
 costs several seconds) when the supervisor restarts or reloads. Delete bin/ to force it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
-from ..discovery import WorkerSpec
-from . import (BuildStep, CannotBuild, Runtime, ToolchainMissing, binary_name, find_tool,
-               helper_step)
+from tqserver.config.discovery import WorkerSpec
+from tqserver.runtimes import (
+    BuildStep,
+    CannotBuild,
+    Runtime,
+    ToolchainMissing,
+    binary_name,
+    find_tool,
+    helper_step,
+)
 
-JAVA_HINT = ("Java is not installed: install a JDK (apt-get install default-jdk-headless, "
-             "or bin/install-toolchains --only java) and make sure `java` is on PATH")
-KOTLINC_HINT = ("the Kotlin compiler is not installed: bin/install-toolchains --only kotlin "
-                "(a JDK and kotlinc), or put kotlinc on PATH")
-GRADLE_HINT = ("Gradle is not installed and the worker has no gradlew: install Gradle "
-               "(https://gradle.org/install/) or add the Gradle wrapper to the worker")
-MAVEN_HINT = ("Maven is not installed and the worker has no mvnw: apt-get install maven, "
-              "or add the Maven wrapper to the worker")
+JAVA_HINT = (
+    "Java is not installed: install a JDK (apt-get install default-jdk-headless, "
+    "or bin/install-toolchains --only java) and make sure `java` is on PATH"
+)
+KOTLINC_HINT = (
+    "the Kotlin compiler is not installed: bin/install-toolchains --only kotlin "
+    "(a JDK and kotlinc), or put kotlinc on PATH"
+)
+GRADLE_HINT = (
+    "Gradle is not installed and the worker has no gradlew: install Gradle "
+    "(https://gradle.org/install/) or add the Gradle wrapper to the worker"
+)
+MAVEN_HINT = (
+    "Maven is not installed and the worker has no mvnw: apt-get install maven, "
+    "or add the Maven wrapper to the worker"
+)
 
 GRADLE_FILES = ("build.gradle.kts", "build.gradle")
-BUILD_FILES = GRADLE_FILES + ("settings.gradle.kts", "settings.gradle", "gradle.properties",
-                              "pom.xml")
+BUILD_FILES = GRADLE_FILES + (
+    "settings.gradle.kts",
+    "settings.gradle",
+    "gradle.properties",
+    "pom.xml",
+)
 _OUTPUT_DIRS = {"bin", "build", "target", "out", "node_modules", "logs"}
 
 
-def _walk_files(root: str, paths: Iterable[str]) -> List[str]:
+def _walk_files(root: str, paths: Iterable[str]) -> list[str]:
     """The files under ``paths`` (files or directories), skipping build outputs."""
     found = []
     for path in paths:
@@ -56,7 +76,7 @@ def fingerprint(root: str, kind: str, files: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str) -> str | None:
     try:
         with open(path) as f:
             return f.read().strip()
@@ -70,21 +90,28 @@ class KotlinRuntime(Runtime):
     # -- toolchain ---------------------------------------------------------------------
     def java(self) -> str:
         java_home = os.environ.get("JAVA_HOME")
-        tool = find_tool("java", *([os.path.join(java_home, "bin", "java")] if java_home else []),
-                         "/usr/lib/jvm/default-java/bin/java")
+        tool = find_tool(
+            "java",
+            *([os.path.join(java_home, "bin", "java")] if java_home else []),
+            "/usr/lib/jvm/default-java/bin/java",
+        )
         if tool is None:
             raise ToolchainMissing(JAVA_HINT)
         return tool
 
     def kotlinc(self) -> str:
-        tool = find_tool("kotlinc", "/usr/local/bin/kotlinc", "/opt/kotlinc/bin/kotlinc",
-                         os.path.expanduser("~/.sdkman/candidates/kotlin/current/bin/kotlinc"))
+        tool = find_tool(
+            "kotlinc",
+            "/usr/local/bin/kotlinc",
+            "/opt/kotlinc/bin/kotlinc",
+            os.path.expanduser("~/.sdkman/candidates/kotlin/current/bin/kotlinc"),
+        )
         if tool is None:
             raise ToolchainMissing(KOTLINC_HINT)
         return tool
 
     def build_kind(self, spec: WorkerSpec) -> str:
-        """"gradle" or "maven" when the worker has their build file, else "kotlinc"."""
+        """ "gradle" or "maven" when the worker has their build file, else "kotlinc"."""
         d = spec.directory
         if any(os.path.isfile(os.path.join(d, n)) for n in GRADLE_FILES):
             return "gradle"
@@ -92,7 +119,7 @@ class KotlinRuntime(Runtime):
             return "maven"
         return "kotlinc"
 
-    def _wrapper_or(self, spec: WorkerSpec, wrapper: str, tool: str, hint: str) -> List[str]:
+    def _wrapper_or(self, spec: WorkerSpec, wrapper: str, tool: str, hint: str) -> list[str]:
         path = os.path.join(spec.directory, wrapper)
         if os.path.isfile(path):
             return [path] if os.access(path, os.X_OK) else ["/bin/sh", path]
@@ -108,27 +135,32 @@ class KotlinRuntime(Runtime):
     def stamp(self, spec: WorkerSpec) -> str:
         return os.path.join(spec.directory, "bin", f".{binary_name(spec)}.jar.inputs")
 
-    def sources(self, spec: WorkerSpec) -> List[str]:
-        return [p for p in _walk_files(spec.directory, [os.path.join(spec.directory, "src")])
-                if p.endswith(".kt")]
+    def sources(self, spec: WorkerSpec) -> list[str]:
+        return [
+            p
+            for p in _walk_files(spec.directory, [os.path.join(spec.directory, "src")])
+            if p.endswith(".kt")
+        ]
 
-    def build_inputs(self, spec: WorkerSpec) -> List[str]:
+    def build_inputs(self, spec: WorkerSpec) -> list[str]:
         d = spec.directory
-        return ([os.path.join(d, "src"), os.path.join(d, "gradle")]
-                + [os.path.join(d, n) for n in BUILD_FILES])
+        return [os.path.join(d, "src"), os.path.join(d, "gradle")] + [
+            os.path.join(d, n) for n in BUILD_FILES
+        ]
 
-    def up_to_date(self, spec: WorkerSpec) -> Tuple[bool, str]:
+    def up_to_date(self, spec: WorkerSpec) -> tuple[bool, str]:
         """Whether bin/<name>.jar was built from the inputs as they are now, and their
         digest (recorded next to the jar by a successful build)."""
         kind = self.build_kind(spec)
-        digest = fingerprint(spec.directory, kind,
-                             _walk_files(spec.directory, self.build_inputs(spec)))
+        digest = fingerprint(
+            spec.directory, kind, _walk_files(spec.directory, self.build_inputs(spec))
+        )
         fresh = os.path.isfile(self.artifact(spec)) and _read(self.stamp(spec)) == digest
         return fresh, digest
 
     # -- build and run -----------------------------------------------------------------
-    def build_steps(self, spec: WorkerSpec) -> List[BuildStep]:
-        self.java()     # needed to build and to run: say so before anything else
+    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
+        self.java()  # needed to build and to run: say so before anything else
         fresh, digest = self.up_to_date(spec)
         if fresh:
             return []
@@ -147,15 +179,21 @@ class KotlinRuntime(Runtime):
             sources = self.sources(spec)
             if not sources:
                 if os.path.isfile(jar):
-                    return []   # a deployed jar, and no sources to rebuild it from
-                raise CannotBuild("no Kotlin sources: put *.kt files in src/ (or give the "
-                                  "worker a build.gradle(.kts) or pom.xml)")
+                    return []  # a deployed jar, and no sources to rebuild it from
+                raise CannotBuild(
+                    "no Kotlin sources: put *.kt files in src/ (or give the "
+                    "worker a build.gradle(.kts) or pom.xml)"
+                )
             output = os.path.join("bin", f".{binary_name(spec)}.building.jar")
-            build = BuildStep([self.kotlinc()] + [os.path.relpath(s, d) for s in sources]
-                              + ["-include-runtime", "-d", output], d)
+            build = BuildStep(
+                [self.kotlinc()]
+                + [os.path.relpath(s, d) for s in sources]
+                + ["-include-runtime", "-d", output],
+                d,
+            )
         return [build, helper_step(d, "install-jar", output, jar, stamp, digest)]
 
-    def run_argv(self, spec: WorkerSpec, port: int) -> List[str]:
+    def run_argv(self, spec: WorkerSpec, port: int) -> list[str]:
         kotlin = spec.config.kotlin
         argv = [self.java()] + list(kotlin.jvm_args)
         if kotlin.main_class:

@@ -4,6 +4,7 @@ php-fpm reads the scripts in public/ on every request, so there is nothing to bu
 proxy speaks FastCGI to the pool (fastcgi_forward.py) and probes it through php-fpm's own
 ping path, which answers without running any PHP code.
 """
+
 from __future__ import annotations
 
 import glob
@@ -11,22 +12,20 @@ import os
 import re
 import shutil
 import signal
-from typing import Dict, List, Optional, Tuple
 
-from ..discovery import WorkerSpec
-from . import CannotBuild, Launch, Probe, Runtime, ToolchainMissing
+from tqserver.config.discovery import WorkerSpec
+from tqserver.runtimes import CannotBuild, Launch, Probe, Runtime, ToolchainMissing
 
-INSTALL_HINT = ("install php-fpm (apt-get install php-fpm, or "
-                "bin/install-toolchains --only php)")
+INSTALL_HINT = "install php-fpm (apt-get install php-fpm, or bin/install-toolchains --only php)"
 PING_PATH = "/fpm-ping"
 PING_RESPONSE = "pong"
 SYSTEM_DIRS = ("/usr/sbin", "/usr/local/sbin")
 _VERSIONED = re.compile(r"php-fpm(\d+)(?:\.(\d+))?$")
 # Values php-fpm's INI parser would misread unquoted (a comment, a section, an assignment).
-_NEEDS_QUOTES = re.compile(r'[;=\[\]{}]|^\s|\s$|^$')
+_NEEDS_QUOTES = re.compile(r"[;=\[\]{}]|^\s|\s$|^$")
 
 
-def find_php_fpm() -> Optional[str]:
+def find_php_fpm() -> str | None:
     """``php-fpm``, else the newest ``php-fpm<version>`` (Debian's php-fpm8.2), on PATH or
     in the sbin directories a non-root PATH often lacks."""
     dirs = os.environ.get("PATH", "").split(os.pathsep) + list(SYSTEM_DIRS)
@@ -46,7 +45,7 @@ def find_php_fpm() -> Optional[str]:
     return max(versioned)[1] if versioned else None
 
 
-def connection_limit(pool) -> Tuple[int, bool]:
+def connection_limit(pool) -> tuple[int, bool]:
     """(connections the proxy may hold to one php-fpm, whether to keep them alive).
 
     php-fpm binds a child to every kept-alive connection until that connection closes, so
@@ -63,8 +62,9 @@ def ini_value(value: str) -> str:
     return f'"{value}"' if _NEEDS_QUOTES.search(value) else value
 
 
-def fpm_config(spec: WorkerSpec, port: int, pid_file: str, dev: bool,
-               user: Optional[Tuple[str, str]] = None) -> str:
+def fpm_config(
+    spec: WorkerSpec, port: int, pid_file: str, dev: bool, user: tuple[str, str] | None = None
+) -> str:
     """The php-fpm configuration of one instance: one pool on 127.0.0.1:``port``, logging
     to stderr (the instance's log), environment kept (WORKER_* reach getenv())."""
     php = spec.config.php
@@ -83,16 +83,24 @@ def fpm_config(spec: WorkerSpec, port: int, pid_file: str, dev: bool,
     if user is not None:
         lines += [f"user = {user[0]}", f"group = {user[1]}"]
     if pool.listen_address not in ("127.0.0.1", "localhost", ""):
-        lines.append(f"; php.pool.listen_address {pool.listen_address} ignored: workers "
-                     "listen on loopback only")
-    lines += [f"listen = 127.0.0.1:{port}", f"pm = {pool.manager}",
-              f"pm.max_children = {pool.max_workers}"]
+        lines.append(
+            f"; php.pool.listen_address {pool.listen_address} ignored: workers "
+            "listen on loopback only"
+        )
+    lines += [
+        f"listen = 127.0.0.1:{port}",
+        f"pm = {pool.manager}",
+        f"pm.max_children = {pool.max_workers}",
+    ]
     if pool.manager == "dynamic":
         low = max(1, pool.min_workers)
         high = max(low, pool.max_workers)
         start = min(max(pool.start_workers, low), high)
-        lines += [f"pm.start_servers = {start}", f"pm.min_spare_servers = {low}",
-                  f"pm.max_spare_servers = {high}"]
+        lines += [
+            f"pm.start_servers = {start}",
+            f"pm.min_spare_servers = {low}",
+            f"pm.max_spare_servers = {high}",
+        ]
     lines += [
         f"pm.max_requests = {pool.max_requests}",
         f"pm.process_idle_timeout = {pool.idle_timeout}s",
@@ -103,8 +111,8 @@ def fpm_config(spec: WorkerSpec, port: int, pid_file: str, dev: bool,
         "decorate_workers_output = no",
         "clear_env = no",
     ]
-    values: Dict[str, str] = {}
-    admin: Dict[str, str] = {
+    values: dict[str, str] = {}
+    admin: dict[str, str] = {
         # PHP's messages already reach the log through catch_workers_output; sending them
         # as FastCGI STDERR too would log every one twice.
         "fastcgi.logging": "0",
@@ -119,12 +127,13 @@ def fpm_config(spec: WorkerSpec, port: int, pid_file: str, dev: bool,
     return "\n".join(lines) + "\n"
 
 
-def _running_as_root() -> Optional[Tuple[str, str]]:
+def _running_as_root() -> tuple[str, str] | None:
     """(user, group) to name in the pool when we are root (php-fpm insists); else None."""
     if os.geteuid() != 0:
         return None
     import grp
     import pwd
+
     return pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
 
 
@@ -150,14 +159,16 @@ class PhpRuntime(Runtime):
                 path = shutil.which(path) or os.path.join(spec.directory, path)
             if os.path.isfile(path) and os.access(path, os.X_OK):
                 return path
-            raise ToolchainMissing(f"php.binary {configured} is not an executable file: "
-                                   f"{INSTALL_HINT}, or fix php.binary in worker.yaml")
+            raise ToolchainMissing(
+                f"php.binary {configured} is not an executable file: "
+                f"{INSTALL_HINT}, or fix php.binary in worker.yaml"
+            )
         found = find_php_fpm()
         if found is None:
             raise ToolchainMissing(f"php-fpm is not installed: {INSTALL_HINT}")
         return found
 
-    def ini_file(self, spec: WorkerSpec) -> Optional[str]:
+    def ini_file(self, spec: WorkerSpec) -> str | None:
         path = spec.config.php.config_file
         if not path:
             return None
@@ -173,12 +184,11 @@ class PhpRuntime(Runtime):
         self.ini_file(spec)
         return []
 
-    def build_inputs(self, spec: WorkerSpec) -> List[str]:
+    def build_inputs(self, spec: WorkerSpec) -> list[str]:
         d = spec.directory
         return [os.path.join(d, "public"), os.path.join(d, "views"), os.path.join(d, "src")]
 
-    def launch(self, spec: WorkerSpec, port: int, instance_id: str, root: str,
-               mode: str) -> Launch:
+    def launch(self, spec: WorkerSpec, port: int, instance_id: str, root: str, mode: str) -> Launch:
         run_dir = os.path.join(root, "run", "php")
         os.makedirs(run_dir, exist_ok=True)
         base = re.sub(r"[^A-Za-z0-9_.-]", "_", instance_id.replace("#", "-"))
@@ -193,5 +203,5 @@ class PhpRuntime(Runtime):
         if ini:
             argv += ["-c", ini]
         if user is not None:
-            argv.append("-R")   # root runs the pool as root, like every other worker here
+            argv.append("-R")  # root runs the pool as root, like every other worker here
         return Launch(argv, (conf, pid_file))

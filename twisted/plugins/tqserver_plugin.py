@@ -1,4 +1,5 @@
 """twistd plugin entry: ``twistd tqserver``. The real work lives in tqserver.tap."""
+
 from twisted.application.service import ServiceMaker
 
 tqserver = ServiceMaker(

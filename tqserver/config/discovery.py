@@ -1,0 +1,217 @@
+"""Finding workers under workers/ (SPEC §2): their names, routes and runtimes.
+
+The tree is small, so this walks it synchronously with os.scandir.  A worker
+with a broken config is reported, not fatal: every other worker still serves.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+from collections.abc import Iterable
+
+import attrs
+
+from tqserver.config.errors import ConfigError, ConfigWarning
+from tqserver.config.worker import WorkerConfig, default_worker_config, load_worker_config
+
+__all__ = ["CONFIG_FILE", "RESERVED_SUBDIRS", "Discovery", "WorkerSpec", "discover", "infer_type"]
+
+CONFIG_FILE = os.path.join("config", "worker.yaml")
+
+# A worker's own subdirectories: never nested workers.
+RESERVED_SUBDIRS = frozenset(
+    ["src", "bin", "public", "views", "config", "data", "node_modules", "logs", "vendor"]
+)
+
+# Dependency trees: never searched, whoever owns them.
+_NEVER_DESCEND = frozenset(["node_modules", "vendor", "__pycache__"])
+
+
+@attrs.frozen
+class WorkerSpec:
+    name: str
+    directory: str
+    route: str
+    type: str
+    config: WorkerConfig
+    config_file: str | None
+
+
+@attrs.frozen
+class Discovery:
+    workers: tuple[WorkerSpec, ...] = ()
+    disabled: tuple[str, ...] = ()
+    errors: tuple[ConfigError, ...] = ()
+    warnings: tuple[ConfigWarning, ...] = ()
+
+
+def _exists(directory: str, *parts: str) -> bool:
+    return os.path.isfile(os.path.join(directory, *parts))
+
+
+def _any(directory: str, pattern: str) -> bool:
+    return bool(glob.glob(os.path.join(glob.escape(directory), pattern)))
+
+
+def _looked_for(config: WorkerConfig) -> str:
+    return ", ".join(
+        [
+            "go.mod",
+            "src/*.go",
+            "src/*.kt",
+            "build.gradle(.kts)",
+            "pom.xml",
+            "index.ts",
+            "package.json",
+            config.bun.entrypoint,
+            config.python.entrypoint,
+            "public/*.php",
+        ]
+    )
+
+
+def infer_type(directory: str, config: WorkerConfig) -> str | None:
+    """The runtime a directory's files imply; order settles dirs that match several."""
+    if config.command:
+        return "command"
+    if _exists(directory, "go.mod") or _any(directory, "src/*.go"):
+        return "go"
+    if (
+        _any(directory, "src/*.kt")
+        or _exists(directory, "build.gradle")
+        or _exists(directory, "build.gradle.kts")
+        or _exists(directory, "pom.xml")
+    ):
+        return "kotlin"
+    if (
+        _exists(directory, "index.ts")
+        or _exists(directory, "package.json")
+        or _exists(directory, config.bun.entrypoint)
+    ):
+        return "bun"
+    if _exists(directory, config.python.entrypoint):
+        return "python"
+    if _any(directory, "public/*.php"):
+        return "php"
+    return None
+
+
+def _route(name: str, config: WorkerConfig) -> str:
+    """config.path, else the directory path; a top-level "index" is the site root."""
+    route = config.path if config.path is not None else ("/" if name == "index" else "/" + name)
+    return route.rstrip("/") or "/"
+
+
+class _Walk:
+    """Accumulates what one discover() call finds."""
+
+    def __init__(self, root: str, mode: str, ignore: tuple[str, ...]) -> None:
+        self.root = root
+        self.mode = mode
+        self.ignore = ignore
+        self.found: list[WorkerSpec] = []
+        self.disabled: list[str] = []
+        self.errors: list[ConfigError] = []
+        self.warnings: list[ConfigWarning] = []
+        self.seen: set[str] = set()
+
+    def skip(self, entry: os.DirEntry, parent_is_worker: bool) -> bool:
+        name = entry.name
+        return (
+            name.startswith(".")
+            or name in _NEVER_DESCEND
+            or (parent_is_worker and name in RESERVED_SUBDIRS)
+            or any(fnmatch.fnmatch(name, pattern) for pattern in self.ignore)
+        )
+
+    def walk(self, directory: str) -> None:
+        real = os.path.realpath(directory)
+        if real in self.seen:  # symlink loop
+            return
+        self.seen.add(real)
+        is_worker = directory != self.root and self.visit(directory)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.is_dir() and not self.skip(entry, is_worker):
+                self.walk(entry.path)
+
+    def visit(self, directory: str) -> bool:
+        """Record the worker at `directory`, if it is one; say whether it is."""
+        name = os.path.relpath(directory, self.root).replace(os.sep, "/")
+        config_file: str | None = os.path.join(directory, CONFIG_FILE)
+        if os.path.isfile(config_file):
+            try:
+                config, warnings = load_worker_config(config_file)
+            except ConfigError as e:
+                self.errors.append(e)
+                return True
+            self.warnings.extend(warnings)
+        else:
+            config_file = None
+            config = default_worker_config()
+        kind = config.type or infer_type(directory, config)
+        if kind is None and config_file is None:
+            return False
+        if not config.enabled_in(self.mode):
+            self.disabled.append(name)
+        elif kind is None:
+            self.errors.append(
+                ConfigError(
+                    f"cannot tell the worker type: found none of {_looked_for(config)}; "
+                    "set 'type:'",
+                    config_file,
+                    key="type",
+                )
+            )
+        else:
+            self.found.append(
+                WorkerSpec(name, directory, _route(name, config), kind, config, config_file)
+            )
+        return True
+
+
+def _dedupe_routes(found: list[WorkerSpec], errors: list[ConfigError]) -> list[WorkerSpec]:
+    """Keep the first worker (by name) per route; the others are errors naming both."""
+    owners: dict[str, WorkerSpec] = {}
+    kept = []
+    for spec in sorted(found, key=lambda s: s.name):
+        owner = owners.get(spec.route)
+        if owner is None:
+            owners[spec.route] = spec
+            kept.append(spec)
+            continue
+        line, column = spec.config.positions.get("path", (None, None))
+        errors.append(
+            ConfigError(
+                f"route {spec.route!r} of worker {spec.name!r} is already served by "
+                f"worker {owner.name!r}",
+                spec.config_file or spec.directory,
+                line,
+                column,
+                "path",
+            )
+        )
+    return kept
+
+
+def discover(workers_dir: str, mode: str, ignore: Iterable[str] = ()) -> Discovery:
+    """Find the workers under workers_dir that run in `mode` ("dev" or "prod").
+
+    `ignore` takes file_watcher.ignore-style glob patterns of directory names.
+    """
+    root = os.path.abspath(workers_dir)
+    if not os.path.isdir(root):
+        return Discovery(
+            warnings=(ConfigWarning(root, None, None, None, "workers directory not found"),)
+        )
+    state = _Walk(root, mode, tuple(ignore))
+    state.walk(root)
+    workers = _dedupe_routes(state.found, state.errors)
+    return Discovery(
+        tuple(workers), tuple(sorted(state.disabled)), tuple(state.errors), tuple(state.warnings)
+    )

@@ -1,0 +1,174 @@
+"""Prometheus metrics (SPEC §9) in a registry of our own, plus the process collectors.
+
+Per-request figures are kept as plain cumulative numbers (RequestStats): one dict update
+per request, and proxy processes send theirs to the supervisor, which exposes the sum."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+
+
+class RequestStats:
+    """Requests answered by (worker, code) and their durations by worker, cumulative since
+    the process started. ``durations[worker]`` is one count per bucket of LATENCY_BUCKETS
+    (not cumulative), then +Inf, then the sum of seconds."""
+
+    __slots__ = ("counts", "durations")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, list[float]] = {}
+
+    def observe_request(self, worker: str, code: int, seconds: float) -> None:
+        key = (worker, code)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        row = self.durations.get(worker)
+        if row is None:
+            row = self.durations[worker] = [0] * (len(LATENCY_BUCKETS) + 2)
+        row[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        row[-1] += seconds
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """Plain data to send elsewhere (see add)."""
+        return dict(self.counts), {w: list(row) for w, row in self.durations.items()}
+
+    def add(self, snapshot: tuple[dict, dict]) -> None:
+        counts, durations = snapshot
+        for key, n in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        for worker, row in durations.items():
+            mine = self.durations.get(worker)
+            if mine is None:
+                self.durations[worker] = list(row)
+            else:
+                for i, value in enumerate(row):
+                    mine[i] += value
+
+
+class RequestCollector:
+    """Exposes the sum of several RequestStats as tqserver_requests_total and
+    tqserver_request_duration_seconds."""
+
+    def __init__(self, sources: Callable[[], Iterable[RequestStats]]) -> None:
+        self.sources = sources
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        total = RequestStats()
+        for stats in self.sources():
+            total.add(stats.snapshot())
+        requests = CounterMetricFamily(
+            "tqserver_requests", "Requests answered", labels=["worker", "code"]
+        )
+        for (worker, code), n in sorted(total.counts.items()):
+            requests.add_metric([worker, str(code)], n)
+        duration = HistogramMetricFamily(
+            "tqserver_request_duration_seconds", "Request duration", labels=["worker"]
+        )
+        for worker, row in sorted(total.durations.items()):
+            buckets, running = [], 0
+            for bound, n in zip(LATENCY_BUCKETS + (float("inf"),), row):
+                running += n
+                buckets.append((floatToGoString(bound), running))
+            duration.add_metric([worker], buckets, row[-1])
+        yield requests
+        yield duration
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.requests = RequestStats()  # answered by this process
+        self.elsewhere: Callable[[], Iterable[RequestStats]] = lambda: ()  # proxy processes
+        r.register(RequestCollector(lambda: [self.requests, *self.elsewhere()]))
+        self.in_flight = Gauge(
+            "tqserver_requests_in_flight", "Requests in flight", ["worker"], registry=r
+        )
+        self.instances = Gauge(
+            "tqserver_worker_instances", "Instances by state", ["worker", "state"], registry=r
+        )
+        self.restarts = Counter(
+            "tqserver_worker_restarts", "Instance restarts", ["worker", "reason"], registry=r
+        )
+        self.builds = Counter("tqserver_builds", "Builds", ["worker", "result"], registry=r)
+        self.build_duration = Histogram(
+            "tqserver_build_duration_seconds",
+            "Build duration",
+            ["worker"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.swap_duration = Histogram(
+            "tqserver_swap_duration_seconds",
+            "From deploy start to the new instances serving",
+            ["worker"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "tqserver_health_checks", "Health probes", ["worker", "result"], registry=r
+        )
+
+    def observe_request(self, worker: str, code: int, seconds: float) -> None:
+        self.requests.observe_request(worker, code, seconds)
+
+    def refresh(self, pools) -> None:
+        """Gauges that are cheaper to read at scrape time than to keep current."""
+        self.instances.clear()
+        self.in_flight.clear()
+        for pool in pools:
+            states = {}
+            for inst in pool.instances:
+                states[inst.state] = states.get(inst.state, 0) + 1
+            for state, n in states.items():
+                self.instances.labels(pool.name, state).set(n)
+            self.in_flight.labels(pool.name).set(
+                sum(i.inflight + i.inflight_elsewhere for i in pool.instances)
+            )
+
+    def render(self, pools) -> bytes:
+        self.refresh(pools)
+        return generate_latest(self.registry)
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()

@@ -1,0 +1,361 @@
+"""server.proxy_processes > 1: the supervisor owns the listening socket(s) and the routing
+table, and N proxy processes (tqserver.fleet.child) accept and forward the requests, the
+way nginx's worker processes share its listening sockets.
+
+The supervisor publishes a new table to every proxy process whenever a pool's serving
+instances (or its error, or the set of workers) change, and before an instance stops it
+waits until no proxy process has a request in flight on it (Idle), so a swap loses no
+request. Reserved endpoints reach the supervisor through a loopback relay port.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import sys
+
+import psutil
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+
+from tqserver.control.metrics import RequestStats
+from tqserver.fleet.protocol import (
+    RELAY_HEADER,
+    ChildStdio,
+    Configure,
+    Idle,
+    PoolSnapshot,
+    Publish,
+    QuietAMP,
+    Report,
+    Settings,
+    WorkerOutput,
+)
+from tqserver.proxy.site import ProxyRequest, ProxySite
+
+log = Logger()
+RESTART_MIN_SECONDS = 0.5
+RESTART_MAX_SECONDS = 10.0
+STABLE_SECONDS = 10.0
+LISTEN_BACKLOG = 1024
+
+
+def proxy_process_count(setting) -> int:
+    """server.proxy_processes: an integer, or "auto" for one per usable core."""
+    if setting == "auto":
+        try:
+            return len(psutil.Process().cpu_affinity())
+        except (AttributeError, psutil.Error):  # no affinity on this platform
+            return os.cpu_count() or 1
+    return int(setting)
+
+
+def bind_listening_socket(host: str, port: int, family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class RelayRequest(ProxyRequest):
+    """A request a proxy process relayed to the supervisor: the client is the last
+    X-Forwarded-For hop, when the relay secret proves a proxy process added it."""
+
+    @property
+    def client_ip(self) -> str:
+        headers = self.requestHeaders
+        given = headers.getRawHeaders(RELAY_HEADER, [b""])[0]
+        if secrets.compare_digest(given, self.channel.site.relay_secret):
+            xff = headers.getRawHeaders(b"x-forwarded-for")
+            if xff:
+                return xff[-1].rsplit(b",", 1)[-1].strip().decode("latin-1")
+        return ProxyRequest.client_ip.fget(self)
+
+
+class RelaySite(ProxySite):
+    """The supervisor's loopback port for what proxy processes relay; they log the
+    requests, so nothing is logged here."""
+
+    requestFactory = RelayRequest
+
+    def __init__(self, front, timeout: float, relay_secret: bytes) -> None:
+        ProxySite.__init__(self, front, timeout, log_access=lambda request: None)
+        self.relay_secret = relay_secret
+
+
+class SupervisorControl(QuietAMP):
+    """The supervisor's end of one proxy process's control connection."""
+
+    def __init__(self, child: ProxyChild) -> None:
+        QuietAMP.__init__(self)
+        self.child = child
+
+    @Report.responder
+    def report(self, instances: dict, requests):
+        self.child.fleet.reported(self.child, instances, requests)
+        return {}
+
+    @WorkerOutput.responder
+    def worker_output(self, instance: str, data: bytes):
+        inst = self.child.fleet.instances().get(instance)
+        if inst is not None:
+            inst.log_lines(data)
+        return {}
+
+
+class ProxyChild(protocol.ProcessProtocol):
+    """One proxy process, as the supervisor sees it."""
+
+    def __init__(self, fleet: ProxyFleet, index: int) -> None:
+        self.fleet = fleet
+        self.index = index
+        self.control = SupervisorControl(self)
+        self.inflight: dict[str, int] = {}  # instance id -> requests in flight there
+        self.requests = RequestStats()  # its cumulative counts, as last reported
+        self.started_at = fleet.reactor.seconds()
+        self.ended: defer.Deferred = defer.Deferred()
+        self.connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.control.makeConnection(ChildStdio(self.transport))
+        self.fleet.child_started(self)
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.control.dataReceived(data)
+
+    def processEnded(self, reason) -> None:
+        self.connected = False
+        self.control.connectionLost(reason)
+        self.fleet.child_ended(self, reason)
+        self.ended.callback(None)
+
+    def call(self, command, **kwargs) -> defer.Deferred:
+        """A command to this process; fails quietly (with None) if it goes away."""
+        if not self.connected:
+            return defer.succeed(None)
+        d = self.control.callRemote(command, **kwargs)
+        return d.addErrback(lambda f: None)
+
+
+class ProxyFleet(Service):
+    """Owns the public listening sockets and the proxy processes that accept on them."""
+
+    def __init__(self, supervisor, reactor, addresses, count: int, quiet: bool) -> None:
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self.addresses = addresses  # [(host, port, family)]
+        self.count = count
+        self.quiet = quiet
+        self.sockets: list[socket.socket] = []
+        self.children: dict[int, ProxyChild] = {}
+        self.retired = RequestStats()  # counts of proxy processes that have exited
+        self.relay_secret = secrets.token_hex(16).encode()
+        self.relay_port = None
+        self._version = 0
+        self._publish_call = None
+        self._backoff: dict[int, float] = {}
+        self._restart_calls: dict[int, object] = {}
+        supervisor.fleet = self
+        supervisor.metrics.elsewhere = self.request_stats
+
+    # -- lifecycle -------------------------------------------------------------------
+    def privilegedStartService(self) -> None:
+        """Bind before twistd gives up privileges, so ports below 1024 work."""
+        Service.privilegedStartService(self)
+        self.sockets = [
+            bind_listening_socket(host, port, family) for host, port, family in self.addresses
+        ]
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if not self.sockets:
+            self.privilegedStartService()
+        site = RelaySite(
+            self.supervisor.front,
+            self.supervisor.config.server.idle_timeout_seconds,
+            self.relay_secret,
+        )
+        endpoint = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        d = endpoint.listen(site)
+        d.addCallback(self._relay_listening)
+        d.addErrback(lambda f: log.failure("cannot start the relay port", f))
+
+    def _relay_listening(self, port) -> None:
+        self.relay_port = port
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        log.info(
+            "{n} proxy processes accept on {where}",
+            n=self.count,
+            where=", ".join(f"{h or '*'}:{p}" for h, p, _ in self.addresses),
+        )
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        for call in self._restart_calls.values():
+            if call.active():
+                call.cancel()
+        self._restart_calls.clear()
+        kill_timeout = self.supervisor.config.workers.kill_timeout_ms / 1000.0
+        waits = []
+        for child in list(self.children.values()):
+            if child.connected:
+                child.transport.signalProcess("TERM")
+                kill = self.reactor.callLater(kill_timeout, _kill, child)
+                child.ended.addBoth(lambda r, k=kill: (k.active() and k.cancel(), r)[1])
+            waits.append(child.ended)
+        d = defer.gatherResults(waits, consumeErrors=True)
+
+        def closed(_):
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+            if self.relay_port is not None:
+                return self.relay_port.stopListening()
+
+        return d.addBoth(closed)
+
+    def _spawn(self, index: int) -> None:
+        self._restart_calls.pop(index, None)
+        child = ProxyChild(self, index)
+        fds = {0: "w", 1: "r", 2: 2}
+        argv = [sys.executable, "-m", "tqserver.fleet.child", "--index", str(index)]
+        for n, sock in enumerate(self.sockets, 3):
+            fds[n] = sock.fileno()
+            argv += ["--listen", str(n)]
+        if self.quiet:
+            argv.append("--quiet")
+        self.children[index] = child
+        env = dict(
+            os.environ, TQSERVER_ROOT=self.supervisor.root, TQSERVER_PROXY_PROCESS=str(index)
+        )
+        self.reactor.spawnProcess(
+            child, sys.executable, argv, env=env, path=self.supervisor.root, childFDs=fds
+        )
+
+    def child_started(self, child: ProxyChild) -> None:
+        child.call(Configure, settings=self._settings())
+        child.call(Publish, version=self._version, pools=self.snapshot())
+
+    def child_ended(self, child: ProxyChild, reason) -> None:
+        self.retired.add(child.requests.snapshot())
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+        known = self.instances()
+        for instance_id in child.inflight:
+            if instance_id in known:
+                known[instance_id].requests_elsewhere(0, self._inflight_on(instance_id))
+        if not self.running:
+            return
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        now = self.reactor.seconds()
+        backoff = self._backoff.get(child.index, 0.0)
+        if now - child.started_at >= STABLE_SECONDS:
+            backoff = 0.0
+        backoff = min(RESTART_MAX_SECONDS, max(RESTART_MIN_SECONDS, backoff * 2))
+        self._backoff[child.index] = backoff
+        log.warn(
+            "proxy process {index} exited ({how}); starting another in {delay:.1f}s",
+            index=child.index,
+            how=f"signal {sig}" if sig else f"status {code}",
+            delay=backoff,
+        )
+        self._restart_calls[child.index] = self.reactor.callLater(backoff, self._spawn, child.index)
+
+    # -- what the proxy processes are told -------------------------------------------
+    def _settings(self) -> Settings:
+        sup = self.supervisor
+        return Settings(
+            config=sup.config,
+            mode=sup.mode,
+            root=sup.root,
+            relay_port=self.relay_port.getHost().port,
+            relay_secret=self.relay_secret,
+        )
+
+    def configure(self, config=None) -> None:
+        """server.yaml was reloaded (a Supervisor.config_listeners entry)."""
+        settings = self._settings()
+        for child in self.children.values():
+            child.call(Configure, settings=settings)
+
+    def snapshot(self) -> list[PoolSnapshot]:
+        return [
+            PoolSnapshot(
+                spec=pool.spec,
+                instances=tuple((inst.id, inst.port) for inst in pool.serving),
+                may_serve_soon=pool._may_serve_soon(),
+                error=pool.error,
+                build_error=pool.build_error,
+            )
+            for _, pool in self.supervisor.routes.items()
+        ]
+
+    def publish(self) -> None:
+        """Something a proxy process routes by changed: publish once, at the end of this
+        reactor turn (a swap changes several things at once)."""
+        if self._publish_call is None and self.running:
+            self._publish_call = self.reactor.callLater(0, self._publish_now)
+
+    def _publish_now(self) -> None:
+        self._publish_call = None
+        self._version += 1
+        pools = self.snapshot()
+        for child in self.children.values():
+            child.call(Publish, version=self._version, pools=pools)
+
+    def idle(self, inst) -> defer.Deferred:
+        """Fires once no proxy process has a request in flight on ``inst``. Sent after
+        any pending Publish, so each process has stopped sending it new requests."""
+        if self._publish_call is not None:
+            self._publish_call.cancel()
+            self._publish_now()
+        waits = [inst.idle()] + [
+            child.call(Idle, instances=[inst.id]) for child in self.children.values()
+        ]
+        return defer.gatherResults(waits, consumeErrors=True)
+
+    # -- what they report ------------------------------------------------------------
+    def reported(self, child: ProxyChild, instances: dict, requests) -> None:
+        child.requests = RequestStats()
+        child.requests.add(requests)
+        for instance_id, (_, inflight) in instances.items():
+            if inflight:
+                child.inflight[instance_id] = inflight
+            else:
+                child.inflight.pop(instance_id, None)
+        known = self.instances()
+        for instance_id, (finished, _) in instances.items():
+            inst = known.get(instance_id)
+            if inst is not None:
+                inst.requests_elsewhere(finished, self._inflight_on(instance_id))
+
+    def _inflight_on(self, instance_id: str) -> int:
+        return sum(c.inflight.get(instance_id, 0) for c in self.children.values())
+
+    def instances(self) -> dict:
+        """Every instance of every pool, by id (one pass, not one per lookup)."""
+        return {inst.id: inst for pool in self.supervisor.pools.values() for inst in pool.instances}
+
+    def request_stats(self) -> list[RequestStats]:
+        return [self.retired] + [child.requests for child in self.children.values()]
+
+
+def _kill(child: ProxyChild) -> None:
+    if child.connected:
+        log.warn("proxy process {index} did not stop in time: SIGKILL", index=child.index)
+        child.transport.signalProcess(signal.SIGKILL)

@@ -1,0 +1,1 @@
+"""Log files: templates with {date} and {name}, and the server's log observer."""

@@ -1,0 +1,443 @@
+"""Forward: one request on its way to a worker instance, and its response on the way back."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from tqserver.proxy.errors import send_error
+from tqserver.proxy.headers import _NOT_RELAYED, HOP_BY_HOP
+from tqserver.proxy.upstream import UpstreamConnection, UpstreamSink
+
+if TYPE_CHECKING:
+    from tqserver.proxy.front import Front
+    from tqserver.proxy.site import ProxyRequest
+
+log = Logger()
+
+MAX_ATTEMPTS = 3
+
+
+class Forward(UpstreamSink):
+    """One request on its way to an instance and its response on the way back."""
+
+    decorate = True  # dev mode: X-TQServer-Worker-* headers and the live-reload script
+
+    def __init__(
+        self, front: Front, request: ProxyRequest, pool, route: str, target: bytes, cfg
+    ) -> None:
+        self.front = front
+        self.request = request
+        self.channel = getattr(request, "channel", None)  # a finished request forgets it
+        self.pool = pool
+        self.route = route
+        self.target = target
+        self.cfg = cfg
+        self.instance = None
+        self.instance_id: str | None = None
+        self.conn: UpstreamConnection | None = None
+        self.attempts = 0
+        self.tried = set()
+        self.pending_body: list = []
+        self.body_complete = False
+        self.response_started = False
+        self.done = False
+        self.timing = False  # the write timeout is armed (in front.deadlines)
+        self.head: bytes | None = None
+        self.upgrade_head = None
+        self.live_reload = False
+        self.has_body = False
+        self.chunked = False
+
+    # -- request side ----------------------------------------------------------------
+    def start(self) -> None:
+        self.head, self.has_body, self.chunked = self._build_head()
+        self._connect()
+
+    def _connect(self) -> None:
+        inst = self.pool.pick()
+        if inst is not None and inst in self.tried:
+            others = [i for i in self.pool.serving if i not in self.tried]
+            inst = others[0] if others else None
+        if inst is None:
+            if not self.pool.serving and self.attempts < MAX_ATTEMPTS:
+                # Nothing serving yet (starting, or restarting): hold the request.
+                self.request.pause_reading()
+                timeout = self.cfg.workers.startup_timeout_ms / 1000.0
+                self.pool.wait_serving(timeout).addCallback(self._got_instance)
+                return
+            self._unavailable()
+            return
+        self._got_instance(inst)
+
+    def _got_instance(self, inst) -> None:
+        if self.done:
+            return
+        if inst is None:
+            self._unavailable()
+            return
+        self.instance = inst
+        self.instance_id = inst.id
+        self.attempts += 1
+        inst.request_started()
+        conn = self._idle_connection(inst)
+        if conn is not None:  # the usual case: no Deferred, no pause
+            self._connected(conn)
+            return
+        self.request.pause_reading()
+        d = self._acquire(inst)
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _idle_connection(self, inst) -> UpstreamConnection | None:
+        """A kept-alive connection to ``inst`` ready now, if there is one."""
+        return self.front.upstreams.take_idle(inst.port)
+
+    def _acquire(self, inst) -> defer.Deferred:
+        """A connection to ``inst`` (pooled HTTP/1.1 here; FastCGI in FastCGIForward)."""
+        return self.front.upstreams.acquire(inst.port)
+
+    def _give_back(self, conn) -> None:
+        """An unused connection back to its pool."""
+        self.front.upstreams.release(conn)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        inst, self.instance = self.instance, None
+        if self.done:  # the client left while we connected: client_gone() did the accounting
+            return
+        inst.request_finished()
+        self.tried.add(inst)
+        log.warn(
+            "{worker}: cannot connect to {id} on port {port}: {why}",
+            worker=self.pool.name,
+            id=inst.id,
+            port=inst.port,
+            why=failure.getErrorMessage(),
+        )
+        if self.attempts < MAX_ATTEMPTS:
+            self._connect()
+        else:
+            self._bad_gateway("could not connect to any instance")
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        if self.done:
+            self._give_back(conn) if not conn.closed else None
+            return
+        self.conn = conn
+        conn.send(self.head, self, self.request.method == b"HEAD", self.has_body, self.chunked)
+        if self.has_body:
+            for chunk in self.pending_body:
+                conn.write_body(chunk)
+            self.pending_body = None
+            if self.body_complete:
+                conn.finish_body()
+                self._arm_timeout()
+            else:
+                conn.transport.registerProducer(self.request.body_producer, True)
+        else:
+            self._arm_timeout()
+        self.request.resume_reading()
+
+    def body_chunk(self, data: bytes) -> None:
+        if self.done:
+            return  # answered already (503, 502...): the rest of the body is discarded
+        if self.conn is not None and self.pending_body is None:
+            self.conn.write_body(data)
+        elif self.pending_body is not None:
+            self.pending_body.append(data)
+            if self.conn is None and self.has_body:
+                self.request.pause_reading()
+
+    def body_finished(self) -> None:
+        self.body_complete = True
+        if self.conn is not None and not self.done:
+            try:
+                self.conn.transport.unregisterProducer()
+            except Exception:
+                pass
+            self.conn.finish_body()
+            self._arm_timeout()
+        if self.done:
+            self.request.finish_when_read()
+
+    def _arm_timeout(self) -> None:
+        if not self.timing and not self.response_started:
+            self.timing = True
+            self.front.deadlines.set(self._timed_out, self._write_timeout())
+
+    def _write_timeout(self) -> float:
+        """worker.yaml's timeouts.write_timeout_seconds when it sets one, else the server's."""
+        config = self.pool.spec.config
+        if "timeouts.write_timeout_seconds" in config.positions:
+            return config.timeouts.write_timeout_seconds
+        return self.cfg.server.write_timeout_seconds
+
+    def _timed_out(self) -> None:
+        self.timing = False
+        if self.response_started or self.done:
+            return
+        self._abandon()
+        send_error(self.request, 504, f"Worker '{self.pool.name}' did not answer in time.")
+
+    # -- response side (UpstreamSink) ------------------------------------------------
+    def upstream_response(self, code: int, reason: bytes, headers) -> None:
+        if self.timing:
+            self.timing = False
+            self.front.deadlines.cancel(self._timed_out)
+        request = self.request
+        if request._disconnected:
+            return
+        self.response_started = True
+        if code != 101 and not self.front.dev and request.relay_head(code, reason, headers):
+            # prod: the worker's head relayed as raw lines (no Headers object work)
+            request.registerProducer(self.conn, True)
+            if self.conn.flushes_sink:
+                self.channel.cork()
+            return
+        request.defaultContentType = None  # relay the worker's Content-Type, never invent one
+        request.setResponseCode(code, reason or None)
+        out = request.responseHeaders
+        connection_tokens = (
+            [
+                v.strip().lower()
+                for n, vs in headers
+                if n.lower() == b"connection"
+                for v in vs.split(b",")
+            ]
+            if code != 101
+            else []
+        )
+        # Transfer-Encoding overrides Content-Length (RFC 9112 6.3): the body is relayed
+        # de-chunked, so the worker's length would misframe it for the client.
+        framed_by_te = any(n.lower() == b"transfer-encoding" for n, _ in headers)
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length" and framed_by_te:
+                continue
+            if lname in HOP_BY_HOP or lname in connection_tokens:
+                if not (code == 101 and lname in (b"upgrade", b"connection")):
+                    continue
+            out.addRawHeader(name, value)
+        if self.front.dev and self.decorate:
+            inst = self.instance
+            spec = self.pool.spec
+            out.setRawHeaders(b"x-tqserver-worker-name", [spec.name.encode()])
+            out.setRawHeaders(b"x-tqserver-worker-type", [spec.type.encode()])
+            out.setRawHeaders(b"x-tqserver-worker-route", [spec.route.encode()])
+            out.setRawHeaders(b"x-tqserver-worker-port", [str(inst.port).encode()])
+            out.setRawHeaders(b"x-tqserver-worker-instance", [inst.id.encode()])
+            self.live_reload = self._wants_live_reload(code, out)
+        request.setHeader(b"x-request-id", request.request_id)
+        if code == 101:
+            self.upgrade_head = (code, reason, headers)
+        else:
+            request.registerProducer(self.conn, True)
+            if self.conn.flushes_sink:
+                # The head and what follows of the body in this read go out in one send.
+                self.channel.cork()
+
+    def _wants_live_reload(self, code: int, out) -> bool:
+        """Dev: a full HTML page gets the live-reload script appended (browsers run a
+        script after </html> as part of the body); its length changes, so the response
+        is re-framed by chunking."""
+        ctype = (out.getRawHeaders(b"content-type") or [b""])[0].lower()
+        if (
+            code != 200
+            or self.request.method == b"HEAD"
+            or not ctype.startswith(b"text/html")
+            or out.hasHeader(b"content-encoding")
+            or out.hasHeader(b"content-range")
+        ):
+            return False
+        out.removeHeader(b"content-length")
+        return True
+
+    def upstream_data(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def upstream_flush(self) -> None:
+        channel = self.channel
+        if channel is not None:
+            channel.flush()
+
+    def upstream_done(self) -> None:
+        if self.has_body and not self.body_complete and self.conn is not None:
+            # The worker answered before the whole request body was sent (an early 413, 401...):
+            # the rest of the body is discarded, so that connection can carry nothing more.
+            conn, self.conn = self.conn, None
+            conn.abort()
+        self._finish_instance()
+        self._end()
+        request = self.request
+        if request._disconnected:
+            return
+        if request.producer is not None:
+            request.unregisterProducer()
+        if self.live_reload:
+            request.write(self.front.live_reload_snippet(self.pool.name))
+        request.finish_when_read()
+        self.upstream_flush()
+
+    def upstream_failed(self, reason: Failure, retryable: bool) -> None:
+        conn, self.conn = self.conn, None
+        if self.done:
+            return
+        inst = self.instance
+        self._finish_instance()
+        if (
+            retryable
+            and self.attempts < MAX_ATTEMPTS
+            and not self.response_started
+            and not self.has_body
+        ):
+            # A pooled connection the instance had already closed: try a fresh one.
+            self._connect()
+            return
+        self._end()
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        if self.response_started and not request.startedWriting:
+            # The worker's head came, but not one byte of body: the 502 must not carry its
+            # headers (Content-Encoding, Set-Cookie, ETag...).
+            connection = request.responseHeaders.getRawHeaders(b"connection")
+            request.responseHeaders = Headers()
+            request.raw_head = None
+            if connection:
+                request.responseHeaders.setRawHeaders(b"connection", connection)
+        why = reason.getErrorMessage()
+        log.warn(
+            "{worker}: request to {id} failed: {why}",
+            worker=self.pool.name,
+            id=inst.id if inst else "?",
+            why=why,
+        )
+        self._bad_gateway(f"the worker closed the connection ({why})")
+
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        from tqserver.proxy.splice import splice_upgrade
+
+        code, reason, headers = self.upgrade_head
+        splice_upgrade(self.request, conn, rest, code, reason, headers)
+
+    # -- endings ---------------------------------------------------------------------
+    def _unavailable(self) -> None:
+        self._end()
+        detail = f"Worker '{self.pool.name}' has no healthy instance"
+        if self.pool.error:
+            detail += f": {self.pool.error}"
+        send_error(self.request, 503, detail + ".", retry_after=5, live_reload=self.pool.name)
+
+    def _bad_gateway(self, why: str) -> None:
+        self._end()
+        send_error(self.request, 502, f"Worker '{self.pool.name}': {why}.")
+
+    def _finish_instance(self) -> None:
+        inst, self.instance = self.instance, None
+        if inst is not None:
+            inst.request_finished()
+
+    def _end(self) -> None:
+        self.done = True
+        if self.timing:
+            self.timing = False
+            self.front.deadlines.cancel(self._timed_out)
+
+    def client_gone(self) -> None:
+        """The client disconnected: cancel the upstream request."""
+        if not self.done:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Drop the upstream request (its connection is reset, never reused)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self._finish_instance()
+        self._end()
+
+    # -- the upstream request head ---------------------------------------------------
+    def _build_head(self):
+        request = self.request
+        headers = request.requestHeaders
+        out = [request.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        connection_tokens = ()
+        connection = headers.getRawHeaders(b"connection")
+        if connection:
+            connection_tokens = {
+                t.strip().lower() for value in connection for t in value.split(b",")
+            }
+        has_body = False
+        chunked = False
+        upgrade = b"upgrade" in connection_tokens and headers.hasHeader(b"upgrade")
+        for name, values in headers.getAllRawHeaders():
+            lname = name.lower()
+            if lname in _NOT_RELAYED:
+                if lname == b"transfer-encoding":
+                    chunked = any(b"chunked" in v.lower() for v in values)
+                continue
+            if lname in connection_tokens:
+                continue
+            if lname == b"content-length":
+                has_body = values[0].strip() not in (b"0", b"")
+            for value in values:
+                out += (name, b": ", value, b"\r\n")
+        if chunked:
+            has_body = True
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if upgrade:
+            out.append(b"Connection: upgrade\r\n")
+            for value in headers.getRawHeaders(b"upgrade"):
+                out += (b"Upgrade: ", value, b"\r\n")
+        for name, value in self.forwarded_headers():
+            out += (name, b": ", value, b"\r\n")
+        out.append(b"\r\n")
+        return b"".join(out), has_body, chunked
+
+    def forwarded_headers(self):
+        """X-Forwarded-For/-Proto/-Host/-Prefix and X-Request-ID as this proxy sets them: the
+        client's own values count only from server.trusted_proxies."""
+        request = self.request
+        client = request.client_ip
+        headers = request.requestHeaders
+        client_b = client.encode()
+        proto = b"https" if request.isSecure() else b"http"
+        host = headers.getRawHeaders(b"host")
+        host = host[0] if host else b""
+        fhost = None
+        trusted = self.cfg.server.trusted_proxies
+        if trusted and client in trusted:
+            xff = headers.getRawHeaders(b"x-forwarded-for")
+            if xff:
+                client_b = b", ".join(xff) + b", " + client_b
+            given = headers.getRawHeaders(b"x-forwarded-proto")
+            if given:
+                proto = given[0]
+            fhost = headers.getRawHeaders(b"x-forwarded-host")
+        out = [(b"X-Forwarded-For", client_b), (b"X-Forwarded-Proto", proto)]
+        if fhost or host:
+            out.append((b"X-Forwarded-Host", fhost[0] if fhost else host))
+        if self.pool.spec.config.strip_prefix and self.route != "/":
+            out.append((b"X-Forwarded-Prefix", self.route.encode()))
+        out.append((b"X-Request-ID", request.request_id))
+        return out
+
+
+class _BodyProducer:
+    """Registered on the upstream transport while a request body streams to it: a full
+    upstream send buffer pauses reading from the client."""
+
+    def __init__(self, request: ProxyRequest) -> None:
+        self.request = request
+
+    def pauseProducing(self) -> None:
+        self.request.pause_reading()
+
+    def resumeProducing(self) -> None:
+        self.request.resume_reading()
+
+    def stopProducing(self) -> None:
+        pass

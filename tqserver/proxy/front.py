@@ -1,0 +1,85 @@
+"""Front: decides what each request is — a reserved endpoint, a public/ file, an error, or a Forward to an instance — reading only the supervisor's current snapshot."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from tqserver.control.events import live_reload_snippet
+from tqserver.fastcgi.client import FastCGIPool
+from tqserver.proxy import static
+from tqserver.proxy.deadlines import Deadlines
+from tqserver.proxy.errors import error_renderer
+from tqserver.proxy.forward import Forward
+from tqserver.proxy.router import strip_prefix
+from tqserver.proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from tqserver.proxy.site import ProxyRequest
+
+
+class Front:
+    """Decides what each request is (the proxy's routing brain); it only reads the
+    supervisor's current snapshot, never waits on it."""
+
+    def __init__(self, supervisor, reactor) -> None:
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self.upstreams = UpstreamPool(reactor)
+        self.deadlines = Deadlines(reactor)  # the per-request timeouts (read, idle, write)
+        self.fastcgi = FastCGIPool(reactor)
+        self.reserved = None  # set by the supervisor: reserved.Reserved
+        # In a proxy process (server.proxy_processes > 1): request -> Forward that hands a
+        # reserved endpoint to the supervisor, which answers those.
+        self.relay: Callable[[ProxyRequest], Forward] | None = None
+        from tqserver.fastcgi.forward import FastCGIForward
+
+        self.forwards = {"php": FastCGIForward}  # worker type -> its Forward class
+
+    @property
+    def dev(self) -> bool:
+        return self.supervisor.mode == "dev"
+
+    def live_reload_snippet(self, worker: str) -> bytes:
+        events = self.supervisor.config.admin.path.rstrip("/") + "/events"
+        return live_reload_snippet(worker, events)
+
+    def plan(self, request: ProxyRequest) -> Forward | None:
+        """Either start forwarding now (returns the Forward) or leave a renderer on the
+        request for when its body is complete (returns None)."""
+        cfg = self.supervisor.config
+        path = request.path
+        if self.reserved is not None:
+            handler = self.reserved.match(path)
+            if handler is not None:
+                if self.relay is not None:
+                    return self.relay(request)
+                request.renderer = handler
+                return None
+        hit = self.supervisor.routes.match(path)
+        if hit is None:
+            request.renderer = error_renderer(404, "No worker serves this path.")
+            return None
+        route, pool = hit
+        request.worker_pool = pool
+        rest = strip_prefix(route, path)
+        if request.method in (b"GET", b"HEAD") and pool.public_dir is not None:
+            found = static.resolve_public_file(pool.public_dir, rest)
+            if found is not None:
+                request.renderer = lambda req: static.serve_file(req, found)
+                return None
+        if self.dev and pool.build_error:
+            request.renderer = error_renderer(
+                500,
+                f"The last build of worker '{pool.name}' failed; the page reloads after "
+                "the next good build.",
+                output=pool.build_error,
+                title="Build failed",
+                live_reload=pool.name,
+            )
+            return None
+        target = rest if pool.spec.config.strip_prefix else path
+        query = request.uri.partition(b"?")
+        if query[1]:
+            target += b"?" + query[2]
+        forward = self.forwards.get(pool.spec.type, Forward)
+        return forward(self, request, pool, route, target, cfg)

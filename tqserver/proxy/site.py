@@ -1,0 +1,425 @@
+"""The public port's twisted.web Site: requests are routed as soon as their head has arrived, so bodies stream to and from worker instances with backpressure."""
+
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+
+from tqserver.proxy import pages
+from tqserver.proxy.errors import error_renderer, send_error
+from tqserver.proxy.forward import Forward, _BodyProducer
+from tqserver.proxy.front import Front
+from tqserver.proxy.headers import _NOT_RELAYED_BACK, _SANE_REQUEST_ID, next_request_id
+from tqserver.proxy.wire import write_now
+
+log = Logger()
+
+# twisted.web.http is wrapped in a deprecation proxy whose attribute lookups are slow;
+# bind the class once instead of on every call.
+_HTTPChannel = http.HTTPChannel
+_NO_BODY_CODES = http.NO_BODY_CODES
+
+
+def remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 5.2.4, so '/hello/../index' is routed (and forwarded) as '/index'."""
+    out = []
+    for segment in path.split(b"/")[1:]:
+        if segment in (b".", b"%2e", b"%2E"):
+            continue
+        if segment.lower() in (b"..", b"%2e%2e", b".%2e", b"%2e."):
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    trailing = path.endswith((b"/.", b"/..")) and out
+    return b"/" + b"/".join(out) + (b"/" if trailing else b"")
+
+
+class ProxyRequest(server.Request):
+    """A twisted.web Request that is routed when its head arrives (see ProxyChannel)."""
+
+    renderer: Callable | None = None
+    worker_pool = None
+    forward: Forward | None = None
+    _body_read = False
+    _finish_pending = False
+    _reading_paused = False
+    _request_id: bytes | None = None
+    raw_head: list | None = None  # see relay_head
+    _raw_length = False
+
+    @property
+    def front(self) -> Front:
+        return self.channel.site.front if self.channel else self._front
+
+    @property
+    def client_ip(self) -> str:
+        addr = self.getClientAddress()
+        return getattr(addr, "host", "") or ""
+
+    @property
+    def request_id(self) -> bytes:
+        if self._request_id is None:
+            given = self.requestHeaders.getRawHeaders(b"x-request-id")
+            if given and _SANE_REQUEST_ID.match(given[0]):
+                self._request_id = given[0]
+            else:
+                self._request_id = next_request_id()
+        return self._request_id
+
+    # -- the worker's response head, relayed ------------------------------------------
+    def relay_head(self, code: int, reason: bytes, headers) -> bool:
+        """Take the worker's status and headers as the response's without twisted.web's
+        Headers: the names and values as the worker sent them, less the hop-by-hop ones
+        and its X-Request-ID (ours is added). The head is written with the first body
+        write, or by finish(), as twisted.web does. False, with nothing changed, for what
+        Forward.upstream_response handles with Headers: a Connection or Transfer-Encoding
+        header from the worker (more filtering), a bare CR or LF (sanitizing)."""
+        lines = []
+        has_length = False
+        n = 0
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _NOT_RELAYED_BACK:
+                if lname == b"connection" or lname == b"transfer-encoding":
+                    return False
+                continue
+            if lname == b"content-length":
+                has_length = True
+            lines += (name, b": ", value, b"\r\n")
+            n += 1
+        blob = b"".join(lines)
+        if blob.count(b"\n") != n or blob.count(b"\r") != n:
+            return False
+        lines = [blob]
+        for name, values in self.responseHeaders.getAllRawHeaders():  # e.g. Connection: close
+            if name.lower() == b"content-length":
+                has_length = True
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines += (b"X-Request-ID: ", self.request_id, b"\r\n")
+        self.setResponseCode(code, reason or None)
+        self.raw_head = lines
+        self._raw_length = has_length
+        return True
+
+    def write(self, data: bytes) -> None:
+        if self.raw_head is not None and not self.startedWriting:
+            self._write_raw_head()
+        server.Request.write(self, data)
+
+    def _write_raw_head(self) -> None:
+        lines, self.raw_head = self.raw_head, None
+        self.startedWriting = 1
+        version = self.clientproto
+        code = self.code
+        if (
+            version == b"HTTP/1.1"
+            and not self._raw_length
+            and self.method != b"HEAD"
+            and code not in _NO_BODY_CODES
+        ):
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+            self.chunked = 1
+        self.channel.write(
+            b"%s %d %s\r\n%s\r\n" % (version, code, self.code_message, b"".join(lines))
+        )
+        if self.method == b"HEAD" or code in _NO_BODY_CODES:
+            self.write = lambda data: None  # as twisted.web does
+
+    # -- called by ProxyChannel at the end of the head --------------------------------
+    def head_received(self, command: bytes, uri: bytes, version: bytes) -> None:
+        self.started_at = self.channel.site.front.reactor.seconds()
+        self.site = self.channel.site
+        self._front = self.site.front
+        self.method, self.uri, self.clientproto = command, uri, version
+        raw_path = uri.partition(b"?")[0]
+        if raw_path[:1] != b"/":
+            if raw_path.startswith((b"http://", b"https://")):  # absolute-form
+                raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
+            else:
+                self.renderer = error_renderer(400, "The request target must be a path.")
+                return
+        if b"/." in raw_path or b"%2" in raw_path:
+            raw_path = remove_dot_segments(raw_path)
+        self.path = raw_path
+        length = self.requestHeaders.getRawHeaders(b"content-length")
+        max_body = self._front.supervisor.config.server.max_body_bytes
+        if length and length[0].isdigit() and int(length[0]) > max_body:
+            self.channel.reject(413)
+            return
+        try:
+            self.forward = self._front.plan(self)
+        except Exception:
+            log.failure("routing {uri} failed", uri=uri)
+            self.renderer = error_renderer(500)
+            return
+        if self.forward is not None:
+            self.forward.start()
+
+    def gotLength(self, length) -> None:
+        if self.forward is not None:
+            self.content = io.BytesIO()  # the body streams to the worker, never kept here
+            self._body_seen = 0
+            return
+        server.Request.gotLength(self, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.forward is None:
+            server.Request.handleContentChunk(self, data)
+            return
+        self._body_seen += len(data)
+        if self._body_seen > self._front.supervisor.config.server.max_body_bytes:
+            self.forward.client_gone()
+            self.channel.reject(413)
+            return
+        self.forward.body_chunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._body_read = True
+        if self.forward is None:
+            server.Request.requestReceived(self, command, path, version)
+            return
+        self.args = {}
+        self.forward.body_finished()
+        if self._finish_pending:
+            self.finish_when_read()
+
+    def process(self) -> None:
+        """Non-forwarded requests: reserved endpoints, static files and error pages."""
+        self.site = self.channel.site
+        renderer = self.renderer or error_renderer(404)
+        try:
+            renderer(self)
+        except Exception:
+            log.failure("rendering {path} failed", path=self.path)
+            send_error(self, 500)
+
+    # -- helpers for Forward ---------------------------------------------------------
+    @property
+    def body_producer(self) -> _BodyProducer:
+        return _BodyProducer(self)
+
+    def pause_reading(self) -> None:
+        # Not guarded by _reading_paused: HTTPChannel resumes its transport by itself when
+        # the response side drains, so every upstream-full signal must pause again.
+        if not self._body_read and self.channel is not None and self.channel.transport:
+            self._reading_paused = True
+            self.channel.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.channel is not None:
+            self._reading_paused = False
+            self.channel.transport.resumeProducing()
+
+    def finish_when_read(self) -> None:
+        """finish(), but only once the whole request body has been read: the channel cannot
+        start the next request while this one's body is still arriving."""
+        if self.finished or self._disconnected:
+            return
+        if not self._body_read:
+            self._finish_pending = True
+            self.resume_reading()
+            return
+        self.finish()
+
+    def connectionLost(self, reason) -> None:
+        if self.forward is not None:
+            self.forward.client_gone()
+        server.Request.connectionLost(self, reason)
+
+
+class ProxyChannel(_HTTPChannel):
+    """HTTPChannel that hands the request its method and target when the head is complete,
+    enforces the whole-request read timeout, and answers 431 for oversized heads.
+
+    A Forward may *cork* the channel while it relays one read of a response: what the
+    request writes (head, body, chunk framing) collects here and leaves in one send at
+    ``flush()``, which the Forward calls at the end of each read from the instance; the
+    end of the request, a reject and loseConnection flush first, so nothing is reordered."""
+
+    _reading = False  # a request is being read: its read timeout is armed
+    _idle = False  # the idle timeout (TimeoutMixin's) is armed
+    _cork: list | None = None
+    _host = None
+    _peer = None
+    _secure = None
+
+    # Request.__init__ asks for both on every request; a TCP connection's addresses do
+    # not change (getHost is a getsockname() call each time).
+    def getHost(self):
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    def isSecure(self) -> bool:
+        if self._secure is None:  # an interface adaptation each time otherwise
+            self._secure = _HTTPChannel.isSecure(self)
+        return self._secure
+
+    def cork(self) -> None:
+        if self._cork is None:
+            self._cork = []
+
+    def flush(self) -> None:
+        cork = self._cork
+        if cork is not None:
+            self._cork = None
+            if cork and self.transport is not None:
+                write_now(self.transport, b"".join(cork))
+
+    def write(self, data: bytes) -> None:
+        if self._cork is not None:
+            if data:
+                self._cork.append(data)
+        else:
+            self.transport.write(data)
+
+    def writeSequence(self, iovec) -> None:
+        if self._cork is not None:
+            self._cork.extend(iovec)
+        else:
+            self.transport.writeSequence(iovec)
+
+    def writeHeaders(self, version, code, reason, headers) -> None:
+        if self._cork is None:
+            _HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        out = self._cork
+        out += (version, b" ", code, b" ", reason, b"\r\n")
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                out += (name, b": ", value, b"\r\n")
+        out.append(b"\r\n")
+
+    def requestDone(self, request) -> None:
+        self.flush()
+        _HTTPChannel.requestDone(self, request)
+
+    def loseConnection(self) -> None:
+        self.flush()
+        return _HTTPChannel.loseConnection(self)
+
+    # -- timeouts: in the Front's Deadlines, not a DelayedCall per request ------------
+    def setTimeout(self, period):
+        """TimeoutMixin.setTimeout (the idle timeout, ``timeoutConnection``)."""
+        prev, self.timeOut = self.timeOut, period
+        if period is None:
+            if self._idle:
+                self._idle = False
+                self.site.front.deadlines.cancel(self._idle_timed_out)
+        else:
+            self._idle = True
+            self.site.front.deadlines.set(self._idle_timed_out, period)
+        return prev
+
+    def resetTimeout(self) -> None:
+        if self._idle and self.timeOut is not None:
+            self.site.front.deadlines.reset(self._idle_timed_out, self.timeOut)
+
+    def _idle_timed_out(self) -> None:
+        self._idle = False
+        self.timeoutConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._reading and line:
+            front = self.site.front
+            self._reading = True
+            front.deadlines.set(
+                self._read_timed_out, front.supervisor.config.server.read_timeout_seconds
+            )
+        return _HTTPChannel.lineReceived(self, line)
+
+    def allHeadersReceived(self) -> None:
+        req = self.requests[-1]
+        req.head_received(self._command, self._path, self._version)
+        _HTTPChannel.allHeadersReceived(self)
+
+    def _finishRequestBody(self, data: bytes) -> None:
+        # What Twisted >= 23 does; older ones called allContentReceived() first, so a request
+        # finished at once (an early answer, an error page) lost the pipelined request that
+        # arrived in the same read as the end of its body.
+        self._dataBuffer.append(data)
+        self.allContentReceived()
+
+    def allContentReceived(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.site.front.deadlines.cancel(self._read_timed_out)
+        _HTTPChannel.allContentReceived(self)
+
+    def _read_timed_out(self) -> None:
+        self._reading = False
+        self.reject(408)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # One line longer than MAX_LENGTH: LineReceiver would just drop the connection.
+        self.reject(431 if self.requests else 400)
+
+    def checkPersistence(self, request, version: bytes) -> bool:
+        # HTTPChannel splits Connection on spaces only: "close, te" would keep it open.
+        tokens = {
+            t.strip().lower()
+            for v in request.requestHeaders.getRawHeaders(b"connection", ())
+            for t in v.split(b",")
+        }
+        if version != b"HTTP/1.1":
+            return False
+        if b"close" in tokens:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return True
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        too_big = (
+            getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize
+            or getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
+        )
+        self.reject(431 if too_big else 400)
+
+    def reject(self, status: int) -> None:
+        """A minimal response for a request we will not read further; closes the connection."""
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return
+        self.flush()
+        reason = pages.REASONS.get(status, "Error").encode()
+        body = b"%d %s\n" % (status, reason)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d"
+            b"\r\nConnection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._cork = None
+        if self._reading:
+            self._reading = False
+            self.site.front.deadlines.cancel(self._read_timed_out)
+        _HTTPChannel.connectionLost(self, reason)  # setTimeout(None): the idle timeout
+
+
+class ProxySite(server.Site):
+    """The Site for the public port; ``front`` does the routing."""
+
+    protocol = ProxyChannel
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+
+    def __init__(self, front: Front, timeout: float, log_access: Callable) -> None:
+        server.Site.__init__(self, resource.Resource(), timeout=timeout)
+        self.front = front
+        self._log_access = log_access
+
+    def log(self, request) -> None:
+        self._log_access(request)
+
+    def logPrefix(self) -> str:
+        return "tqserver.proxy"

@@ -1,0 +1,400 @@
+"""A lean HTTP/1.1 client for talking to worker instances: pooled keep-alive connections,
+streaming in both directions with backpressure, and raw access for Upgrade splicing.
+
+The proxy hands each connection a *sink* (see ``UpstreamSink``) that receives the response
+as it arrives; nothing here buffers a body.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.python.failure import Failure
+
+from tqserver.proxy.wire import write_now
+
+MAX_HEAD = 64 * 1024
+MAX_IDLE_PER_PORT = 128
+
+Headers = list[tuple[bytes, bytes]]
+
+# parser states
+_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _CLOSE, _UPGRADED = range(9)
+
+
+class UpstreamError(Exception):
+    """The worker sent something that is not HTTP/1.x."""
+
+
+class UpstreamSink:
+    """What a connection reports to while it carries one request (the proxy implements it)."""
+
+    def upstream_response(self, code: int, reason: bytes, headers: Headers) -> None: ...
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_done(self) -> None: ...
+    def upstream_failed(self, reason: Failure, retryable: bool) -> None: ...
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+    def upstream_flush(self) -> None:
+        """The end of one read from the instance: what it relayed may go out now."""
+
+
+def parse_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
+    """(version, status, reason, headers) of a response head without its final CRLFCRLF."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise UpstreamError(f"bad status line {lines[0][:80]!r}")
+    try:
+        code = int(parts[1])
+    except ValueError:
+        raise UpstreamError(f"bad status code {parts[1][:20]!r}")
+    if not 100 <= code <= 999:
+        raise UpstreamError(f"bad status code {code}")
+    headers: Headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            raise UpstreamError(f"bad header line {line[:80]!r}")
+        headers.append((name, value.strip()))
+    return parts[0], code, parts[2] if len(parts) > 2 else b"", headers
+
+
+class ConnectionControl:
+    """What the proxy does to any connection to an instance (HTTP or FastCGI): registered
+    as the producer of the client's response, it pauses and resumes reading from the
+    instance; ``abort`` drops it when the client went away or time ran out."""
+
+    closed = False
+    sink = None
+    transport = None
+    flushes_sink = False  # calls sink.upstream_flush() after each read
+
+    def pauseProducing(self) -> None:
+        if not self.closed:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self.closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection: the instance sees a reset (or, for FastCGI, an abort)."""
+        self.sink = None
+        if not self.closed:
+            self.closed = True
+            self.transport.abortConnection()
+
+    def _fail(self, reason: Failure, retryable: bool) -> None:
+        """The exchange broke: drop the connection and tell the sink."""
+        sink, self.sink = self.sink, None
+        self.abort()
+        if sink is not None:
+            sink.upstream_failed(reason, retryable)
+
+
+class UpstreamConnection(ConnectionControl, protocol.Protocol):
+    """One keep-alive connection to one instance; carries one request at a time."""
+
+    flushes_sink = True
+
+    def __init__(self, pool: UpstreamPool, port: int) -> None:
+        self.pool = pool
+        self.port = port
+        self.sink: UpstreamSink | None = None
+        self.connected_d: defer.Deferred = defer.Deferred()
+        self.reused = False
+        self.closed = False
+        self._state = _IDLE
+        self._buf = b""
+        self._remaining = 0
+        self._no_body = False
+        self._keep_alive = False
+        self._chunked_request = False
+        self._body_done = True
+        self._got_bytes = False
+
+    # -- sending ---------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.connected_d.callback(self)
+
+    def send(
+        self, head: bytes, sink: UpstreamSink, head_request: bool, has_body: bool, chunked: bool
+    ) -> None:
+        """Write a request head; the body (if ``has_body``) follows via write_body()."""
+        self.sink = sink
+        self._state = _HEAD
+        self._no_body = head_request
+        self._body_done = not has_body
+        self._chunked_request = chunked
+        self._got_bytes = False
+        write_now(self.transport, head)
+
+    def write_body(self, data: bytes) -> None:
+        if not data or self.closed:
+            return
+        if self._chunked_request:
+            self.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self.transport.write(data)
+
+    def finish_body(self) -> None:
+        if self._body_done:
+            return
+        self._body_done = True
+        if self._chunked_request and not self.closed:
+            self.transport.write(b"0\r\n\r\n")
+        if self._state == _IDLE:
+            self._release()
+
+    # -- receiving -------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        sink = self.sink
+        self._got_bytes = True
+        state = self._state
+        if state == _LENGTH and not self._buf:  # the hot path: body bytes of known length
+            n = len(data)
+            if n < self._remaining:
+                self._remaining -= n
+                sink.upstream_data(data)
+                sink.upstream_flush()
+                return
+        elif state == _UPGRADED:
+            sink.upstream_data(data)
+            return
+        elif state == _IDLE:
+            # An idle connection must be silent; anything here means it is not reusable.
+            self.abort()
+            return
+        self._buf += data
+        try:
+            self._parse()
+        except UpstreamError as e:
+            self._fail(Failure(e), retryable=False)
+        if sink is not None:
+            # The end of one read: what the sink relayed of it may leave in one send.
+            sink.upstream_flush()
+
+    def _parse(self) -> None:
+        while self._buf:
+            state = self._state
+            if state == _HEAD:
+                end = self._buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buf) > MAX_HEAD:
+                        raise UpstreamError("response head too large")
+                    return
+                head, self._buf = self._buf[:end], self._buf[end + 4 :]
+                if not self._start_response(head):
+                    return
+            elif state == _LENGTH:
+                take = self._buf[: self._remaining]
+                self._buf = self._buf[len(take) :]
+                self._remaining -= len(take)
+                if take:
+                    self.sink.upstream_data(take)
+                if self._remaining == 0:
+                    self._complete()
+                    return
+            elif state == _CHUNK_SIZE:
+                end = self._buf.find(b"\r\n")
+                if end < 0:
+                    if len(self._buf) > 1024:
+                        raise UpstreamError("chunk size line too long")
+                    return
+                line, self._buf = self._buf[:end], self._buf[end + 2 :]
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise UpstreamError(f"bad chunk size {line[:40]!r}")
+                if size < 0:
+                    raise UpstreamError("negative chunk size")
+                if size == 0:
+                    self._state = _TRAILER
+                else:
+                    self._remaining = size
+                    self._state = _CHUNK_DATA
+            elif state == _CHUNK_DATA:
+                take = self._buf[: self._remaining]
+                self._buf = self._buf[len(take) :]
+                self._remaining -= len(take)
+                self.sink.upstream_data(take)
+                if self._remaining == 0:
+                    self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if len(self._buf) < 2:
+                    return
+                if self._buf[:2] != b"\r\n":
+                    raise UpstreamError("missing CRLF after chunk")
+                self._buf = self._buf[2:]
+                self._state = _CHUNK_SIZE
+            elif state == _TRAILER:
+                end = self._buf.find(b"\r\n")
+                if end < 0:
+                    return
+                line, self._buf = self._buf[:end], self._buf[end + 2 :]
+                if not line:
+                    self._complete()
+                    return
+            elif state == _CLOSE:
+                data, self._buf = self._buf, b""
+                self.sink.upstream_data(data)
+            elif state == _UPGRADED:
+                data, self._buf = self._buf, b""
+                self.sink.upstream_data(data)
+            else:  # _IDLE with leftover bytes
+                raise UpstreamError("unexpected data after the response")
+
+    def _start_response(self, head: bytes) -> bool:
+        """Handle a parsed head; False when parsing must stop (upgrade handed over)."""
+        version, code, reason, headers = parse_head(head)
+        if 100 <= code < 200 and code != 101:
+            return True  # interim response (100 Continue, 103 Early Hints): wait for the real one
+        connection = b""
+        length = None
+        chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                try:
+                    new = int(value)
+                except ValueError:
+                    raise UpstreamError("bad Content-Length")
+                if new < 0 or (length is not None and new != length):
+                    raise UpstreamError("conflicting Content-Length")
+                length = new
+            elif lname == b"transfer-encoding":
+                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+            elif lname == b"connection":
+                connection += b"," + value.lower()
+        if version == b"HTTP/1.1":
+            self._keep_alive = b"close" not in connection
+        else:
+            self._keep_alive = b"keep-alive" in connection
+        if code == 101:
+            self._state = _UPGRADED
+            self._keep_alive = False
+            rest, self._buf = self._buf, b""
+            self.sink.upstream_response(code, reason, headers)
+            self.sink.upstream_upgraded(self, rest)
+            return False
+        self.sink.upstream_response(code, reason, headers)
+        if self.sink is None:  # the client went away while we delivered the head
+            return False
+        if self._no_body or code in (204, 304):
+            self._complete()
+            return False
+        if chunked:
+            self._state = _CHUNK_SIZE
+        elif length is not None:
+            self._state = _LENGTH
+            self._remaining = length
+            if length == 0:
+                self._complete()
+                return False
+        else:
+            self._state = _CLOSE
+            self._keep_alive = False
+        return True
+
+    def _complete(self) -> None:
+        sink, self.sink = self.sink, None
+        self._state = _IDLE
+        if self._buf:
+            self._keep_alive = False
+            self._buf = b""
+        if sink is not None:
+            sink.upstream_done()
+        if self._body_done:
+            self._release()
+        # else: released by finish_body() once the request body has been sent
+
+    def _release(self) -> None:
+        if self._keep_alive and not self.closed and self.sink is None:
+            # The client side may have paused us (slow reader) just before the end: an idle
+            # connection must read, or it never sees its next response nor the worker's FIN.
+            self.transport.resumeProducing()
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if self._state in (_CLOSE, _UPGRADED):
+            self._state = _IDLE
+            sink.upstream_done()
+        else:
+            # Nothing came back on a reused connection: the instance had closed it as idle.
+            retryable = self.reused and not self._got_bytes
+            sink.upstream_failed(reason, retryable)
+
+
+class _Factory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, port: int) -> None:
+        self.pool, self.port = pool, port
+
+    def buildProtocol(self, addr):
+        return UpstreamConnection(self.pool, self.port)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per instance port (LIFO: the warmest first)."""
+
+    def __init__(self, reactor, connect_timeout: float = 5.0) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self._idle: dict[int, list[UpstreamConnection]] = {}
+
+    def take_idle(self, port: int) -> UpstreamConnection | None:
+        """An idle kept-alive connection to 127.0.0.1:port (the warmest), or None."""
+        idle = self._idle.get(port)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def acquire(self, port: int) -> defer.Deferred:
+        """Fires with a connection to 127.0.0.1:port, reused when one is idle."""
+        conn = self.take_idle(port)
+        if conn is not None:
+            return defer.succeed(conn)
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=self.connect_timeout)
+        d = endpoint.connect(_Factory(self, port))
+        return d.addCallback(lambda conn: conn.connected_d)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(conn.port, [])
+        if len(idle) >= MAX_IDLE_PER_PORT:
+            conn.abort()
+        else:
+            idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.port)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close_port(self, port: int) -> None:
+        """Close idle connections to an instance that is going away."""
+        for conn in self._idle.pop(port, []):
+            conn.transport.loseConnection()
+
+    def close_all(self) -> None:
+        for port in list(self._idle):
+            self.close_port(port)
+
+    def idle_count(self, port: int | None = None) -> int:
+        if port is not None:
+            return len(self._idle.get(port, ()))
+        return sum(len(v) for v in self._idle.values())

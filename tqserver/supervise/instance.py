@@ -1,0 +1,259 @@
+"""One worker instance: a child process in its own process group, its output, its stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Callable
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tqserver.runtimes import HTTP_PROBE, Probe
+from tqserver.supervise.rotation import InFlight
+
+log = Logger()
+
+_SETSID = shutil.which("setsid")
+# Fallback when util-linux's setsid(1) is missing: a tiny exec trampoline.
+_TRAMPOLINE = [
+    sys.executable,
+    "-c",
+    "import os,sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])",
+]
+
+
+def in_new_session(argv: list[str]) -> list[str]:
+    """argv that runs ``argv`` as leader of a new session and process group, keeping the PID
+    (setsid(1) execs in place when its caller is not already a group leader)."""
+    if _SETSID:
+        return [_SETSID] + list(argv)
+    return _TRAMPOLINE + list(argv)
+
+
+def signal_group(pid: int | None, sig: int) -> bool:
+    """Signal the whole process group led by ``pid``; False when nothing is left of it."""
+    if not pid:
+        return False
+    try:
+        os.killpg(pid, sig)
+        return True
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False
+    try:
+        # Just spawned: setsid(1) may not have made the group yet; signal the leader itself.
+        os.kill(pid, sig)
+        return True
+    except OSError:
+        return False
+
+
+class LineSink:
+    """Collects a child's output into whole lines, each prefixed, for a log writer."""
+
+    def __init__(self, prefix: bytes, write: Callable[[bytes], None]) -> None:
+        self._prefix = prefix
+        self._write = write
+        self._partial: dict[int, bytes] = {}
+
+    def feed(self, fd: int, data: bytes) -> None:
+        data = self._partial.pop(fd, b"") + data
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if len(tail) > 65536:  # a runaway line without newline: flush it anyway
+            lines.append(tail)
+            tail = b""
+        if tail:
+            self._partial[fd] = tail
+        if lines:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S").encode()
+            self._write(
+                b"".join(
+                    b"%s %s %s\n" % (stamp, self._prefix, line.rstrip(b"\r")) for line in lines
+                )
+            )
+
+    def flush(self) -> None:
+        for fd in list(self._partial):
+            self.feed(fd, b"\n")
+
+
+class Instance(InFlight, ProcessProtocol):
+    """A running copy of a worker. The pool owns it; the proxy counts requests on it."""
+
+    def __init__(
+        self,
+        reactor,
+        worker: str,
+        instance_id: str,
+        port: int,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        output: Callable[[bytes], None],
+        on_exit: Callable[[Instance, Failure], None] | None = None,
+        probe: Probe = HTTP_PROBE,
+        files: Sequence[str] = (),
+        stop_signal: int = signal.SIGTERM,
+    ) -> None:
+        self.reactor = reactor
+        self.worker = worker
+        self.id = instance_id
+        self.port = port
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.on_exit = on_exit
+        self.probe = probe
+        self.stop_signal = stop_signal
+        self.files = tuple(files)  # generated for this instance (a php-fpm config...)
+        self.state = "new"  # new -> starting -> ready -> draining -> stopping -> exited
+        self.inflight = 0
+        self.inflight_elsewhere = 0  # in proxy processes (server.proxy_processes > 1)
+        self.requests = 0
+        self.health_failures = 0
+        self.recycle_after = 0  # max_requests (with jitter); 0 = never
+        self.on_request_limit: Callable[[Instance], None] | None = None
+        self.on_request: Callable[[], None] | None = None  # autoscaling watches load
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+        self.stopping = False
+        self._sink = LineSink(b"[" + instance_id.encode() + b"]", output)
+        self._ended: list[defer.Deferred] = []
+        self._kill_call = None
+        self._idle_waiters: list[defer.Deferred] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self.state = "starting"
+        self.started_at = self.reactor.seconds()
+        argv = in_new_session(self.argv)
+        self.reactor.spawnProcess(self, argv[0], argv, env=self.env, path=self.cwd)
+
+    @property
+    def pid(self) -> int | None:
+        """The group leader's PID (kept after exit, so stragglers in the group can be found)."""
+        return self._leader_pid
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("new", "exited")
+
+    def ended(self) -> defer.Deferred:
+        """Fires (with self) once the process has exited."""
+        if self.state == "exited":
+            return defer.succeed(self)
+        d: defer.Deferred = defer.Deferred()
+        self._ended.append(d)
+        return d
+
+    def stop(self, kill_timeout: float) -> defer.Deferred:
+        """SIGTERM (or the runtime's graceful stop signal) to the process group, SIGKILL
+        after ``kill_timeout`` seconds; fires on exit."""
+        if self.state == "exited":
+            return defer.succeed(self)
+        self.stopping = True
+        self.state = "stopping"
+        if self._kill_call is None:
+            signal_group(self.pid, self.stop_signal)
+            self._kill_call = self.reactor.callLater(kill_timeout, self.kill)
+        return self.ended()
+
+    def kill(self) -> None:
+        self._kill_call = None
+        if self.state != "exited":
+            log.warn(
+                "instance {id} of {worker} did not stop in time: SIGKILL",
+                id=self.id,
+                worker=self.worker,
+            )
+        signal_group(self.pid, signal.SIGKILL)
+
+    # -- request accounting (the proxy calls these) ----------------------------------
+    def request_started(self) -> None:
+        self.inflight += 1
+        self.requests += 1
+        if self.on_request is not None:
+            self.on_request()
+
+    def request_finished(self) -> None:
+        self.inflight -= 1
+        self._check_request_limit()
+        if self.inflight == 0:
+            self._wake_idle()
+
+    def requests_elsewhere(self, finished: int, inflight: int) -> None:
+        """What proxy processes report (server.proxy_processes > 1): requests they sent
+        here since their last report, and how many are in flight now."""
+        self.inflight_elsewhere = inflight
+        if finished:
+            self.requests += finished
+            if self.on_request is not None:
+                self.on_request()
+            self._check_request_limit()
+
+    def _check_request_limit(self) -> None:
+        if (
+            self.recycle_after
+            and self.requests >= self.recycle_after
+            and self.on_request_limit is not None
+        ):
+            callback, self.on_request_limit = self.on_request_limit, None  # once
+            callback(self)
+
+    def log_lines(self, data: bytes) -> None:
+        """Whole lines of this instance's output that reached us another way than its pipes
+        (FastCGI STDERR), into the same log."""
+        self._sink.feed("side", data if data.endswith(b"\n") else data + b"\n")
+
+    # -- ProcessProtocol -------------------------------------------------------------
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._sink.feed(childFD, data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._sink.flush()
+        if isinstance(reason.value, (error.ProcessDone, error.ProcessTerminated)):
+            self.exit_code = reason.value.exitCode
+            self.exit_signal = reason.value.signal
+        # The leader is gone; anything it left in its group goes with it.
+        signal_group(self._leader_pid, signal.SIGKILL)
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        self.state = "exited"
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if self.on_exit is not None:
+            self.on_exit(self, reason)
+        waiters, self._ended = self._ended, []
+        for d in waiters:
+            d.callback(self)
+        self._wake_idle()
+
+    def connectionMade(self) -> None:
+        self._leader_pid = self.transport.pid
+        self.transport.closeStdin()
+
+    _leader_pid: int | None = None
+
+    def describe_exit(self) -> str:
+        if self.exit_signal:
+            try:
+                name = signal.Signals(self.exit_signal).name
+            except ValueError:
+                name = str(self.exit_signal)
+            return f"killed by {name}"
+        return f"exited with status {self.exit_code}"

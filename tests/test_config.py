@@ -34,7 +34,7 @@ class _FileMixin:
 
 
 class ServerDefaultsTests(unittest.TestCase):
-    """The defaults are SPEC §3's, key for key."""
+    """The defaults are those the README lists for server.yaml, key for key."""
 
     def test_server(self):
         s = default_server_config().server
@@ -68,7 +68,7 @@ class ServerDefaultsTests(unittest.TestCase):
 
 
 class WorkerDefaultsTests(unittest.TestCase):
-    """The defaults are SPEC §4's."""
+    """The defaults are those the README lists for worker.yaml."""
 
     def test_top_level(self):
         c = default_worker_config()

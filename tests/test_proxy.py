@@ -1,6 +1,7 @@
-"""Integration tests of the proxy (SPEC §5, §6) over loopback: a real ProxySite on
-127.0.0.1:0 in front of real upstream HTTP servers on 127.0.0.1:0, with a minimal stand-in
-for the Supervisor and its worker pools (no worker processes are spawned).
+"""Integration tests of the proxy (README: "The worker contract", "The proxy") over
+loopback: a real ProxySite on 127.0.0.1:0 in front of real upstream HTTP servers on
+127.0.0.1:0, with a minimal stand-in for the Supervisor and its worker pools (no worker
+processes are spawned).
 
 Every test leaves no port, connection, delayed call or process behind: the cleanup aborts
 whatever is still open and waits (with a deadline) until it is closed."""

@@ -229,7 +229,8 @@ class TQServer(MultiService):
 
 
 class AccessLog:
-    """One line per request (SPEC §9) and the request metrics, from Site.log."""
+    """One access-log line per request (README: "Health, status, metrics") and the request
+    metrics, from Site.log."""
 
     def __init__(self, supervisor: Supervisor, reactor) -> None:
         self.supervisor = supervisor
@@ -265,8 +266,8 @@ class AccessLog:
 def freeze_startup_heap() -> None:
     """Move what startup allocated (modules, config, the service tree) out of the cyclic
     GC's reach: CPython's full collections otherwise walk all of it again and again under
-    load (a ~40 ms pause every few seconds at a few thousand requests/s). PyPy has no
-    gc.freeze and needs none."""
+    load, pausing the proxy (docs/performance.md has the figures). PyPy has no gc.freeze
+    and needs none."""
     import gc
 
     freeze = getattr(gc, "freeze", None)

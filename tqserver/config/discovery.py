@@ -1,4 +1,4 @@
-"""Finding workers under workers/ (SPEC §2): their names, routes and runtimes.
+"""Finding workers under workers/ (README: "A project"): their names, routes and runtimes.
 
 The tree is small, so this walks it synchronously with os.scandir.  A worker
 with a broken config is reported, not fatal: every other worker still serves.

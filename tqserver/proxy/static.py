@@ -1,4 +1,4 @@
-"""Static files under a worker's ``public/``, served by the proxy itself (SPEC §6).
+"""Static files under a worker's ``public/``, served by the proxy itself (README: "The proxy").
 
 Two calls: :func:`resolve_public_file` decides, cheaply and without caching,
 whether a request path names a servable file; :func:`serve_file` answers with

@@ -48,8 +48,8 @@ class GoRuntime(Runtime):
         return [BuildStep(argv, cwd)]
 
     def build_env(self, spec: WorkerSpec, mode: str) -> dict[str, str]:
-        # Dev builds skip the symbol table and DWARF: the link is ~30% faster, and the
-        # edit loop is mostly link time. Panics still show file:line. Prod keeps them.
+        # Dev builds skip the symbol table and DWARF: the link is faster, and the edit
+        # loop is mostly link time. Panics still show file:line. Prod keeps them.
         if mode == "dev" and "GOFLAGS" not in os.environ:
             return {"GOFLAGS": "-ldflags=-s"}
         return {}

@@ -24,8 +24,8 @@ class HealthChecker(Service):
     With many instances, a round's probes start in batches of BATCH spread evenly over the
     first half of the interval rather than all at once, so that the supervisor (which
     proxies requests meanwhile) is never busy with probes for more than a few ms at a
-    time. Not one by one: each reactor turn has a cost of its own, and probes spread one
-    per turn cost the supervisor about twice the CPU of probes sent together."""
+    time. Not one by one: each reactor turn has a cost of its own, so probes spread one per
+    turn cost the supervisor more CPU than probes sent together."""
 
     def __init__(self, reactor, pools: Callable[[], Iterable], probe, settings: Callable) -> None:
         self.reactor = reactor

@@ -203,10 +203,10 @@ class Prober:
     for a 200 (with the expected body, when one is set) within the timeout.
 
     HTTP probes go over a connection kept per instance, and a fresh one every REUSE
-    probes (so a worker that can no longer accept() still fails): Twisted's HTTP client
-    (treq over Agent: URL parsing, agent wrappers, a Response, a body collector) and a
-    TCP connection per probe cost ~1.1 ms of CPU per probe on CPython, a quarter of a
-    core for 200 instances probed every second; this costs about a tenth of that."""
+    probes (so a worker that can no longer accept() still fails). Not Twisted's HTTP
+    client: treq over Agent (URL parsing, agent wrappers, a Response, a body collector)
+    and a TCP connection per probe made probing hundreds of instances a large share of
+    the supervisor's CPU (docs/performance.md, "Scale")."""
 
     def __init__(self, reactor) -> None:
         self._reactor = reactor

@@ -11,11 +11,11 @@ A worker script hands its application to :func:`serve`::
     serve(app)                  # a WSGI application ...
     # serve(resource)           # ... or a twisted.web IResource
 
-``serve`` listens on ``WORKER_HOST:WORKER_PORT`` (SPEC §5), answers the health
-probe itself and shuts down gracefully on SIGTERM/SIGINT: it stops accepting,
-closes idle keep-alive connections, lets in-flight requests finish (at most
-``WORKER_DRAIN_SECONDS``) and returns, so the script exits 0.  A second signal
-while draining exits at once with status 1.
+``serve`` listens on ``WORKER_HOST:WORKER_PORT`` (the worker contract in the
+README), answers the health probe itself and shuts down gracefully on
+SIGTERM/SIGINT: it stops accepting, closes idle keep-alive connections, lets
+in-flight requests finish (at most ``WORKER_DRAIN_SECONDS``) and returns, so
+the script exits 0. A second signal while draining exits at once with status 1.
 
 Environment (all optional):
 
@@ -29,9 +29,9 @@ Environment (all optional):
 Start-up time is part of the dev loop (save -> new code served), so the WSGI
 server is a small HTTP/1.1 implementation on the interpreter's C modules
 (``_socket``, ``_thread``, ``_signal``, ``select``, ``io``): it does not import
-``http.server`` (http.client, email, ssl: ~60 ms on CPython, ~150 ms on PyPy),
-nor ``socket``/``threading``/``signal``/``socketserver`` (their enum set-up
-alone costs ~70 ms on PyPy), nor Twisted.  Twisted is imported only to serve a
+``http.server`` (it pulls in http.client, email and ssl), nor
+``socket``/``threading``/``signal``/``socketserver`` (their enum set-up is slow
+on PyPy), nor Twisted (docs/performance.md has the import times).  Twisted is imported only to serve a
 Twisted resource.  A thread per connection; keep-alive; chunked both ways.
 """
 
@@ -102,7 +102,7 @@ class _BadRequestBody(ValueError):
 
 
 def worker_info() -> dict:
-    """The worker's identity as set by the supervisor (SPEC §5).
+    """The worker's identity as set by the supervisor (README: "The worker contract").
 
     Keys: name, route, port (int or None), host, mode, type, dir, root, instance.
     Values are None when the variable is not set (e.g. run by hand).

@@ -41,6 +41,14 @@ class AggregateTests(unittest.TestCase):
         self.assertEqual((code, body["status"]), (503, "unhealthy"))
         self.assertEqual(aggregate([])[0], 503)
 
+    def test_a_failed_file_watcher_degrades_and_is_shown(self) -> None:
+        watcher = SimpleNamespace(describe=lambda: {"status": "failed", "error": "overflow"})
+        code, body = aggregate([FakePool("a", "healthy")], watcher)
+        self.assertEqual((code, body["status"]), (200, "degraded"))
+        self.assertEqual(body["watcher"]["error"], "overflow")
+        watcher.describe = lambda: {"status": "watching", "error": None}
+        self.assertEqual(aggregate([FakePool("a", "healthy")], watcher)[1]["status"], "healthy")
+
 
 class Status(resource.Resource):
     isLeaf = True

@@ -44,6 +44,8 @@ class ClassifyTests(unittest.TestCase):
         for path in ["/p/workers/hello/bin/hello", "/p/workers/hello/src/4913",
                      "/p/workers/hello/src/.main.go.swp", "/p/workers/hello/src/main.go~",
                      "/p/workers/hello/src/.#main.go", "/p/workers/api/node_modules/x/y.js",
+                     "/p/workers/api/.venv/lib/python3.11/site-packages/flask/app.py",
+                     "/p/workers/api/src/node_modules/x.js",
                      "/p/workers/hello/src/__pycache__/m.pyc", "/p/workers/.git/HEAD",
                      "/p/etc/other.yaml", "/p/workers/hello/config/notes.txt",
                      "/p/workers/hello/build/libs/app.jar", "/p/workers/hello/target/app.jar",
@@ -89,9 +91,13 @@ class FakeSupervisor:
         self.config = attrs.evolve(default_server_config(), file_watcher=attrs.evolve(
             default_server_config().file_watcher, debounce_ms=50))
         self.pools = {}
+        self.reloads = []
+
+    def reload(self, why):
+        self.reloads.append(why)
 
 
-class RealInotifyTests(unittest.TestCase):
+class InotifyBase(unittest.TestCase):
     """Real inotify events; debounce on a Clock advanced by the test."""
 
     def setUp(self) -> None:
@@ -106,6 +112,7 @@ class RealInotifyTests(unittest.TestCase):
         self.batches = []
         self.watcher = DevWatcher(reactor, self.sup, self.batches.append)
         self.watcher.debouncer.clock = self.clock
+        self.watcher.clock = self.clock
         self.watcher.startService()
         self.addCleanup(self.watcher.stopService)
 
@@ -119,6 +126,8 @@ class RealInotifyTests(unittest.TestCase):
             await task.deferLater(reactor, 0.01, lambda: None)
         self.clock.advance(1.0)
 
+
+class RealInotifyTests(InotifyBase):
     def test_plain_save(self):
         return defer.ensureDeferred(self._plain_save())
 
@@ -202,3 +211,119 @@ class RealInotifyTests(unittest.TestCase):
         os.makedirs(os.path.join(self.root, "workers", "other"))
         await self.settle()
         self.assertEqual(self.batches[-1], {Change("discover")})
+
+
+class WatchedTreeTests(InotifyBase):
+    """What is watched at all: never dependency trees, build output or ignored directories;
+    a directory that vanishes before its watch is added is skipped; a failing watcher says
+    so and starts over."""
+
+    def worker_dir(self, *parts):
+        return os.path.join(self.root, "workers", "hello", *parts)
+
+    def make_noise_dirs(self):
+        for parts in [("node_modules", "hono", "dist"), (".venv", "lib", "site-packages", "x"),
+                      ("bin",), ("data", "db"), ("build", "libs"), ("target",),
+                      ("generated-assets", "x"), ("src", "__pycache__")]:
+            os.makedirs(self.worker_dir(*parts), exist_ok=True)
+
+    def assert_nothing_watched_under_noise(self):
+        watched = self.watcher.watched()
+        for name in ("node_modules", ".venv", "bin", "data", "build", "target",
+                     "generated-assets", "__pycache__"):
+            inside = [p for p in watched if (os.sep + name) in p]
+            self.assertEqual(inside, [], name)
+        self.assertIn(self.src, watched)
+
+    def test_dependency_and_output_dirs_are_never_descended(self):
+        return defer.ensureDeferred(self._never_descended())
+
+    async def _never_descended(self):
+        # Present at start ...
+        self.watcher.stopService()
+        self.make_noise_dirs()
+        self.sup.config = attrs.evolve(self.sup.config, file_watcher=attrs.evolve(
+            self.sup.config.file_watcher,
+            ignore=(*self.sup.config.file_watcher.ignore, "generated-*")))
+        self.watcher.startService()
+        self.assert_nothing_watched_under_noise()
+        # ... and created while running (bun install, pip install into .venv, go build).
+        import shutil
+        for name in ("node_modules", ".venv", "bin", "data", "build", "target",
+                     "generated-assets"):
+            shutil.rmtree(self.worker_dir(name))
+        await self.settle()
+        self.batches.clear()
+        self.make_noise_dirs()
+        for parts in [("node_modules", "hono", "dist", "index.js"),
+                      (".venv", "lib", "site-packages", "x", "__init__.py"),
+                      (".venv", "pyvenv.cfg"), ("data", "db", "rows"), ("bin", "hello")]:
+            self.write(self.worker_dir(*parts), "x")
+        await self.settle()
+        self.assert_nothing_watched_under_noise()
+        self.assertEqual(self.batches, [])  # an install into .venv restarts nothing
+
+    def test_directory_gone_before_its_watch_is_skipped(self):
+        return defer.ensureDeferred(self._gone_first())
+
+    async def _gone_first(self):
+        # A temporary directory made and removed before inotify's event is read (what a
+        # package manager does by the hundred): its watch cannot be added.
+        for i in range(5):
+            tmp = os.path.join(self.src, f"tmp{i}")
+            os.makedirs(os.path.join(tmp, "inner"))
+            os.rmdir(os.path.join(tmp, "inner"))
+            os.rmdir(tmp)
+        await self.settle()
+        self.assertEqual(self.watcher.describe()["status"], "watching")
+        self.batches.clear()
+        # ... and edits are still seen afterwards.
+        self.write(os.path.join(self.src, "main.go"), "package main // after\n")
+        await self.settle()
+        self.assertEqual(self.batches, [{Change("source", "hello")}])
+        # New directories are still watched too.
+        os.makedirs(os.path.join(self.src, "pkg"))
+        await self.settle()
+        self.write(os.path.join(self.src, "pkg", "util.go"), "package pkg\n")
+        await self.settle()
+        self.assertEqual(self.batches[-1], {Change("source", "hello")})
+
+    def test_failure_is_reported_and_the_watcher_recovers(self):
+        return defer.ensureDeferred(self._recovers())
+
+    async def _recovers(self):
+        from tqserver.supervise import watch
+        real = watch.classify
+        calls = []
+
+        def broken(*args, **kw):
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real(*args, **kw)
+
+        self.patch(watch, "classify", broken)
+        self.write(os.path.join(self.src, "main.go"), "package main // 1\n")
+        await self.settle()  # advances the clock 1 s: past the first restart delay
+        state = self.watcher.describe()
+        self.assertEqual(state["failures"], 1)
+        self.assertIn("boom", state["last_failure"])
+        self.assertEqual(state["status"], "watching")
+        self.assertEqual(self.sup.reloads, ["file watcher recovered"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.write(os.path.join(self.src, "main.go"), "package main // 2\n")
+        await self.settle()
+        self.assertEqual(self.batches[-1], {Change("source", "hello")})
+
+    def test_overflow_is_reported_until_restarted(self):
+        import struct
+
+        from twisted.internet import inotify
+        # What the kernel sends when its queue overflowed (wd -1): events were lost.
+        self.watcher._notifier._doRead(struct.pack("=iLLL", -1, inotify.IN_Q_OVERFLOW, 0, 0))
+        state = self.watcher.describe()
+        self.assertEqual(state["status"], "failed")
+        self.assertIn("overflowed", state["error"])
+        self.clock.advance(0.5)
+        self.assertEqual(self.watcher.describe()["status"], "watching")
+        self.assertEqual(self.sup.reloads, ["file watcher recovered"])

@@ -299,7 +299,8 @@ def makeService(options: Options):
     supervisor.setServiceParent(top)
     HangupReload(reactor, supervisor.reload).setServiceParent(top)
     if options["mode"] == "dev":
-        DevWatcher(reactor, supervisor, supervisor.apply_changes).setServiceParent(top)
+        supervisor.watcher = DevWatcher(reactor, supervisor, supervisor.apply_changes)
+        supervisor.watcher.setServiceParent(top)
     front = Front(supervisor, reactor)
     front.reserved = Reserved(supervisor)
     supervisor.front = front

@@ -55,7 +55,7 @@ class Reserved:
 
     # -- /health ---------------------------------------------------------------------
     def health(self, request) -> None:
-        status, body = health.aggregate(self.supervisor.pools.values())
+        status, body = health.aggregate(self.supervisor.pools.values(), self.supervisor.watcher)
         respond_json(request, status, body)
 
     # -- /metrics --------------------------------------------------------------------
@@ -131,6 +131,7 @@ class Reserved:
             "root": sup.root,
             "workers": workers,
             "config_errors": [str(e) for e in sup.config_errors],
+            "watcher": None if sup.watcher is None else sup.watcher.describe(),
         }
 
     def status_page(self) -> bytes:
@@ -156,12 +157,21 @@ class Reserved:
                 f"<td>{html.escape(w['error'] or '')}</td></tr>"
             )
         errors = "".join(f"<li>{html.escape(e)}</li>" for e in data["config_errors"])
+        watcher = data["watcher"]
+        watcher_failed = (
+            "<p class=failed><b>The file watcher failed</b>: "
+            f"{html.escape(watcher['error'] or '')}; it is restarting, edits are not seen "
+            "until then.</p>"
+            if watcher is not None and watcher["status"] == "failed"
+            else ""
+        )
         page = f"""<!DOCTYPE html><html><head><meta charset=utf-8><title>TQServer status</title>
 <style>body{{font:14px system-ui,sans-serif;margin:24px;color:#1d2330}}
 table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ddd;padding:6px 8px;
 text-align:left;vertical-align:top}}.healthy{{color:#1a7f37}}.degraded,.starting{{color:#9a6700}}
 .failed,.stopped{{color:#cf222e}}</style></head><body>
 <h1>TQServer</h1><p>mode {html.escape(data["mode"])} · root {html.escape(data["root"])}</p>
+{watcher_failed}
 <table><tr><th>worker</th><th>type</th><th>route</th><th>status</th><th>instances</th>
 <th>last build</th><th>error</th></tr>{"".join(rows)}</table>
 {"<h2>Configuration errors</h2><ul>" + errors + "</ul>" if errors else ""}

@@ -11,11 +11,13 @@ from collections.abc import Iterable
 import attrs
 
 # Inside a worker: directories of build output (ours in bin/, Gradle's, Maven's),
-# dependencies, logs and data. Changes there are not source changes.
+# dependencies (node_modules, a Python worker's .venv), logs and data. Changes there are
+# not source changes.
 NOT_SOURCE_DIRS = frozenset(
     [
         "bin",
         "node_modules",
+        ".venv",
         "vendor",
         "build",
         "target",

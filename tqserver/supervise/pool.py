@@ -307,6 +307,15 @@ class WorkerPool(Rotation, Service):
             )
         return swapped
 
+    def reconfigure(self, spec: WorkerSpec, runtime: Runtime) -> None:
+        """A changed worker.yaml, applied whole: the next instances start from ``spec`` with
+        ``runtime`` (a new ``type:`` brings a new one) and log where it says."""
+        if spec.config.log_file != self.spec.config.log_file and self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self.spec = spec
+        self.runtime = runtime
+
     def changed_on_disk(self) -> str | None:
         """What changed since the serving code was deployed (see Fingerprint.difference)."""
         if self.fingerprint is None:

@@ -77,6 +77,7 @@ class Supervisor(MultiService):
             idle=self._instance_idle,
         )
         self.front = None  # the proxy's Front, set by tap.py
+        self.watcher = None  # dev mode's watch.DevWatcher, set by tap.py
         self.fleet = None  # proxy_fleet.ProxyFleet when server.proxy_processes > 1
         self.events = EventHub(reactor)
         self.config_listeners: list = []  # called with the new ServerConfig on reload
@@ -132,7 +133,16 @@ class Supervisor(MultiService):
                 if self._add(spec):
                     actions[name] = "added"
             elif pool.spec != spec:
-                pool.spec = spec
+                if spec.type != pool.spec.type:
+                    try:
+                        runtime = runtime_for(spec.type)
+                    except ToolchainMissing as e:
+                        self.config_errors.append(e)
+                        log.error("worker {name}: {error}", name=name, error=str(e))
+                        continue
+                else:
+                    runtime = pool.runtime
+                pool.reconfigure(spec, runtime)
                 pool.deploy("configuration changed")
                 actions[name] = "reconfigured"
         self.publish_routes()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import signal
+import struct
 from collections.abc import Iterable
 from typing import Callable
 
@@ -13,6 +14,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import filepath
+from twisted.python.failure import Failure
 
 from tqserver.supervise.fingerprint import NOT_SOURCE_DIRS
 
@@ -79,7 +81,7 @@ def classify(
     head = inner[0]
     if inner == ["config", "worker.yaml"]:
         return Change("config", owner)
-    if head in NOT_SOURCE_DIRS or head == "config":
+    if head in NOT_SOURCE_DIRS or head == "config" or any(p in NEVER_WATCHED for p in inner):
         return None
     if head == "public":
         return Change("public", owner)
@@ -136,39 +138,167 @@ class Debouncer:
         self.pending = set()
 
 
+# Directories never descended into, wherever they are: dependency trees, caches, VCS.
+NEVER_WATCHED = frozenset(["node_modules", ".venv", "__pycache__", ".git"])
+RECOVERY_MIN_SECONDS = 0.5  # a failed watcher is restarted after this, doubling...
+RECOVERY_MAX_SECONDS = 30.0  # ...up to this
+
+
+def _is_worker_dir(path: str, worker_dirs: dict[str, str]) -> bool:
+    """A known worker's directory, or one that looks like a worker (not discovered yet)."""
+    from tqserver.config.discovery import CONFIG_FILE, infer_type
+    from tqserver.config.worker import default_worker_config
+
+    if path in worker_dirs.values():
+        return True
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return True
+    return infer_type(path, default_worker_config()) is not None
+
+
+def watched_dir(
+    path: str, workers_dir: str, worker_dirs: dict[str, str], ignore: Iterable[str] = ()
+) -> bool:
+    """Whether the directory ``path`` is watched: not a dependency tree (node_modules,
+    .venv), a hidden or ignored directory, nor a worker's build output, logs or data."""
+    rel = os.path.relpath(path, workers_dir)
+    if rel == ".":
+        return True
+    if rel.startswith(".."):
+        return False
+    parts = rel.split(os.sep)
+    name = parts[-1]
+    if name.startswith(".") or name in NEVER_WATCHED:
+        return False
+    if _ignored(parts, tuple(ignore) + EDITOR_NOISE):
+        return False
+    return not (name in NOT_SOURCE_DIRS and _is_worker_dir(os.path.dirname(path), worker_dirs))
+
+
 if inotify is not None:
 
     class TreeINotify(inotify.INotify):
-        """Twisted's INotify closes itself as soon as any watched directory is deleted
-        (IN_DELETE_SELF, which the kernel always sends). A watched tree whose directories
-        come and go must keep going: only an explicit loseConnection() closes it."""
+        """Twisted's INotify, for a tree whose directories come and go: a deleted directory
+        (IN_DELETE_SELF) only drops its own watch (Twisted's closes the whole notifier);
+        new directories are added by the owner (Twisted's autoAdd raises, and stops reading,
+        when the directory vanished first); a queue overflow is reported, not dropped."""
 
-        _reading = False
+        def __init__(self, reactor, lost: Callable, overflow: Callable[[], None]) -> None:
+            inotify.INotify.__init__(self, reactor)
+            self._lost = lost
+            self._overflow = overflow
+            self.closing = False
+
+        def add(self, path: bytes, mask: int, callbacks: list) -> None:
+            """Watch one directory; raises INotifyError when it cannot be added."""
+            mask |= inotify.IN_DELETE_SELF
+            where = filepath.FilePath(path)
+            wd = self._inotify.add(self._fd, where, mask)
+            old = self._watchpoints.get(wd)  # the same inode under another name (moved)
+            if old is not None and self._watchpaths.get(old.path) == wd:
+                del self._watchpaths[old.path]
+            self._watchpoints[wd] = inotify._Watch(where, mask, False, callbacks)
+            self._watchpaths[where] = wd
+
+        def forget_under(self, path: bytes) -> None:
+            """Drop the watches of a directory moved away and of everything under it."""
+            prefix = path + b"/"
+            for watched, wd in list(self._watchpaths.items()):
+                p = watched.path
+                if p == path or p.startswith(prefix):
+                    self._watchpaths.pop(watched, None)
+                    if self._watchpoints.pop(wd, None) is not None:
+                        self._inotify.remove(self._fd, wd)
+
+        def watched_paths(self) -> list[bytes]:
+            return sorted(p.path for p in self._watchpaths)
 
         def _doRead(self, in_):
-            self._reading = True
-            try:
-                inotify.INotify._doRead(self, in_)
-            finally:
-                self._reading = False
+            self._buffer += in_
+            while len(self._buffer) >= 16:
+                wd, mask, _cookie, size = struct.unpack("=LLLL", self._buffer[0:16])
+                name = self._buffer[16 : 16 + size].rstrip(b"\0") if size else None
+                self._buffer = self._buffer[16 + size :]
+                if mask & inotify.IN_Q_OVERFLOW:
+                    self._overflow()
+                    continue
+                iwp = self._watchpoints.get(wd)
+                if iwp is None:
+                    continue
+                path = iwp.path.asBytesMode()
+                if name:
+                    path = path.child(name)
+                if mask & (inotify.IN_DELETE_SELF | inotify.IN_IGNORED) and not name:
+                    self._watchpoints.pop(wd, None)
+                    if self._watchpaths.get(iwp.path) == wd:
+                        del self._watchpaths[iwp.path]
+                iwp._notify(path, mask)
 
-        def loseConnection(self):
-            if not self._reading:
-                inotify.INotify.loseConnection(self)
+        def connectionLost(self, reason):
+            inotify.INotify.connectionLost(self, reason)
+            if not self.closing:
+                self._lost(reason)
 
 
 class DevWatcher(Service):
-    """inotify on workers/ (recursively, new directories included) and on the directory of
-    server.yaml; changes are classified, debounced and passed to ``apply``."""
+    """inotify on workers/ (recursively, new directories included, dependency trees and
+    build output never) and on the directory of server.yaml; changes are classified,
+    debounced and passed to ``apply``.
 
-    def __init__(self, reactor, supervisor, apply: Callable[[set[Change]], None]) -> None:
+    A directory that cannot be watched is logged and skipped. If the watcher itself fails
+    (its handling raised, the kernel's event queue overflowed, the inotify descriptor
+    broke) it says so in the log and in ``describe()`` (/health, status page), starts over
+    on a fresh inotify descriptor, and reloads what changed meanwhile (``rescan``)."""
+
+    MASK = 0
+    if inotify is not None:
+        MASK = (
+            inotify.IN_CLOSE_WRITE
+            | inotify.IN_MOVED_TO
+            | inotify.IN_MOVED_FROM
+            | inotify.IN_CREATE
+            | inotify.IN_DELETE
+            | inotify.IN_ATTRIB
+        )
+
+    def __init__(
+        self,
+        reactor,
+        supervisor,
+        apply: Callable[[set[Change]], None],
+        rescan: Callable[[str], object] | None = None,
+    ) -> None:
         self.reactor = reactor
+        self.clock = reactor  # timers (tests put a Clock here and on the debouncer)
         self.supervisor = supervisor
         self.debouncer = Debouncer(reactor, self._delay, apply)
+        self.rescan = rescan  # None: supervisor.reload
         self._notifier = None
+        self.problem: str | None = None  # why the watcher is not watching right now
+        self.failures = 0
+        self.last_failure: str | None = None
+        self.unwatched: dict[str, str] = {}  # directory -> why it could not be watched
+        self._recovery = None
+        self._delay_next = RECOVERY_MIN_SECONDS
 
     def _delay(self) -> float:
         return self.supervisor.config.file_watcher.debounce_ms / 1000.0
+
+    def describe(self) -> dict:
+        """The watcher's state for /health and the status page."""
+        if inotify is None:
+            status = "unavailable"
+        elif self.problem is not None:
+            status = "failed"
+        else:
+            status = "watching" if self.running else "stopped"
+        return {
+            "status": status,
+            "error": self.problem,
+            "failures": self.failures,
+            "last_failure": self.last_failure,
+            "unwatched": sorted(self.unwatched)[:20],
+        }
 
     def startService(self) -> None:
         Service.startService(self)
@@ -178,50 +308,163 @@ class DevWatcher(Service):
                 "(use kill -HUP to reload)"
             )
             return
-        notifier = TreeINotify(self.reactor)
-        notifier.startReading()
-        self._notifier = notifier
-        mask = (
-            inotify.IN_CLOSE_WRITE
-            | inotify.IN_MOVED_TO
-            | inotify.IN_MOVED_FROM
-            | inotify.IN_CREATE
-            | inotify.IN_DELETE
-            | inotify.IN_ATTRIB
+        self._start_notifier()
+        log.info(
+            "watching {workers} and {etc} for changes",
+            workers=self.supervisor.workers_dir,
+            etc=os.path.dirname(self.supervisor.config_path),
         )
-        workers_dir = self.supervisor.workers_dir
-        os.makedirs(workers_dir, exist_ok=True)
-        notifier.watch(
-            filepath.FilePath(workers_dir),
-            mask=mask,
-            autoAdd=True,
-            recursive=True,
-            callbacks=[self._event],
-        )
-        etc = os.path.dirname(self.supervisor.config_path)
-        if os.path.isdir(etc):
-            notifier.watch(filepath.FilePath(etc), mask=mask, callbacks=[self._event])
-        log.info("watching {workers} and {etc} for changes", workers=workers_dir, etc=etc)
 
     def stopService(self):
         Service.stopService(self)
         self.debouncer.cancel()
-        if self._notifier is not None:
-            self._notifier.loseConnection()
-            self._notifier = None
+        if self._recovery is not None and self._recovery.active():
+            self._recovery.cancel()
+        self._recovery = None
+        self._close_notifier()
 
-    def _event(self, _watch, path: filepath.FilePath, mask: int) -> None:
+    # -- the inotify descriptor --------------------------------------------------------
+    def _start_notifier(self) -> None:
+        notifier = TreeINotify(self.reactor, self._lost, self._overflowed)
+        self._notifier = notifier
+        notifier.startReading()
+        workers_dir = self.supervisor.workers_dir
+        os.makedirs(workers_dir, exist_ok=True)
+        self.unwatched = {}
+        self.watch_tree(workers_dir)
+        etc = os.path.dirname(self.supervisor.config_path)
+        if os.path.isdir(etc):
+            self._add(etc)
+
+    def _close_notifier(self) -> None:
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.closing = True
+            notifier.loseConnection()
+
+    def watched(self) -> list[str]:
+        """The directories watched now (for tests and diagnostics)."""
+        if self._notifier is None:
+            return []
+        return [os.fsdecode(p) for p in self._notifier.watched_paths()]
+
+    def _worker_dirs(self) -> dict[str, str]:
+        return {name: pool.spec.directory for name, pool in self.supervisor.pools.items()}
+
+    def _watched_dir(self, path: str) -> bool:
         sup = self.supervisor
-        worker_dirs = {name: pool.spec.directory for name, pool in sup.pools.items()}
+        return watched_dir(
+            path, sup.workers_dir, self._worker_dirs(), sup.config.file_watcher.ignore
+        )
+
+    def watch_tree(self, top: str) -> None:
+        """Watch ``top`` and every directory under it worth watching."""
+        stack = [top]
+        while stack:
+            directory = stack.pop()
+            if not self._add(directory):
+                continue
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue  # gone already: its parent's watch reports that
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if is_dir and self._watched_dir(entry.path):
+                    stack.append(entry.path)
+
+    def _add(self, directory: str) -> bool:
+        notifier = self._notifier
+        if notifier is None:
+            return False
+        try:
+            notifier.add(os.fsencode(directory), self.MASK, [self._event])
+        except (inotify.INotifyError, OSError) as e:
+            if not os.path.isdir(directory):
+                return False  # it went away before we got to it: nothing to watch
+            self.unwatched[directory] = str(e)
+            log.warn(
+                "cannot watch {path} ({error}); changes under it are not seen "
+                "(is fs.inotify.max_user_watches too low?)",
+                path=directory,
+                error=e,
+            )
+            return False
+        self.unwatched.pop(directory, None)
+        return True
+
+    # -- events --------------------------------------------------------------------------
+    def _event(self, _watch, path: filepath.FilePath, mask: int) -> None:
+        try:
+            self._handle(os.fsdecode(path.path), mask)
+        except Exception:
+            self._failed("handling a file event failed", Failure())
+
+    def _handle(self, path: str, mask: int) -> None:
+        sup = self.supervisor
+        if mask & inotify.IN_ISDIR:
+            if mask & (inotify.IN_CREATE | inotify.IN_MOVED_TO):
+                if self._watched_dir(path):
+                    # Next turn: a burst of creations is read first; what was made inside
+                    # before the watch existed is caught by the walk.
+                    self.reactor.callLater(0, self.watch_tree, path)
+            elif mask & inotify.IN_MOVED_FROM and self._notifier is not None:
+                self._notifier.forget_under(os.fsencode(path))
         change = classify(
-            os.fsdecode(path.path),
+            path,
             sup.workers_dir,
             sup.config_path,
-            worker_dirs,
+            self._worker_dirs(),
             sup.config.file_watcher.ignore,
         )
         if change is not None:
             self.debouncer.add(change)
+
+    # -- failures and recovery -------------------------------------------------------------
+    def _overflowed(self) -> None:
+        self._failed("the kernel's inotify event queue overflowed: changes were lost")
+
+    def _lost(self, reason) -> None:
+        self._failed("the inotify descriptor stopped working", reason)
+
+    def _failed(self, what: str, failure: Failure | None = None) -> None:
+        self.failures += 1
+        detail = what if failure is None else f"{what}: {failure.getErrorMessage()}"
+        self.problem = self.last_failure = detail
+        if failure is not None:
+            log.failure("file watcher failed: {what}", failure, what=what)
+        log.error(
+            "FILE WATCHER FAILED ({detail}); restarting it in {delay:.1f}s, then reloading what "
+            "changed",
+            detail=detail,
+            delay=self._delay_next,
+        )
+        if self._recovery is None and self.running:
+            self._recovery = self.clock.callLater(self._delay_next, self._recover)
+            self._delay_next = min(RECOVERY_MAX_SECONDS, self._delay_next * 2)
+
+    def _recover(self) -> None:
+        self._recovery = None
+        if not self.running:
+            return
+        self._close_notifier()
+        try:
+            self._start_notifier()
+        except Exception:
+            self._failed("restarting the file watcher failed", Failure())
+            return
+        self.problem = None
+        log.info("file watcher restarted: reloading what changed while it was down")
+        (self.rescan or self.supervisor.reload)("file watcher recovered")
+        # Reset the backoff once it has stayed up a while.
+        self.clock.callLater(RECOVERY_MAX_SECONDS, self._steady)
+
+    def _steady(self) -> None:
+        if self.problem is None:
+            self._delay_next = RECOVERY_MIN_SECONDS
 
 
 class HangupReload(Service):

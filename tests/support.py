@@ -84,7 +84,7 @@ class Project:
     def copy_worker(self, name: str) -> None:
         shutil.copytree(os.path.join(REPO, "workers", name),
                         os.path.join(self.root, "workers", name),
-                        ignore=shutil.ignore_patterns("bin", "node_modules", "__pycache__"))
+                        ignore=shutil.ignore_patterns("bin", "node_modules", "__pycache__", ".venv"))
 
     @property
     def url(self) -> str:
@@ -162,6 +162,18 @@ class Client:
         response = await d
         body = await readBody(response)
         return response, body
+
+    async def request(self, method: bytes, url: str, body: bytes = b"",
+                      headers: Optional[Dict[str, str]] = None, timeout: float = 10.0):
+        """(response, body) of one request with a body (POST, PUT...)."""
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
+        h = Headers({k: [v] for k, v in (headers or {}).items()})
+        d = self.agent.request(method, url.encode(), h, FileBodyProducer(BytesIO(body)))
+        d.addTimeout(timeout, reactor)
+        response = await d
+        return response, await readBody(response)
 
     async def get_json(self, url: str):
         response, body = await self.get(url)

@@ -89,10 +89,14 @@ class ExampleSiteTests(IntegrationBase):
         self.assertIn(b"TQServer", body)
         self.assertEqual(response.headers.getRawHeaders("x-tqserver-worker-name"), ["index"])
 
-        response, body = await client.get(project.url + "/hello")
+        response, body = await client.get(project.url + "/hello/")
         self.assertEqual(response.code, 200)
         self.assertIn(b"Hello from Go", body)
         self.assertEqual(response.headers.getRawHeaders("x-tqserver-worker-type"), ["go"])
+
+        response, body = await client.get(project.url + "/hello?x=1")   # the bare route
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (301, ["/hello/?x=1"]))
 
         response, body = await client.get(project.url + "/hello/bench")
         self.assertEqual((response.code, body.strip()), (200, b"Hello, World!"))
@@ -388,16 +392,16 @@ class DevReloadTests(IntegrationBase):
         await self.wait_healthy(client, project, proc, ["hello"])
         main = os.path.join(project.root, "workers", "hello", "src", "main.go")
         await self.edit_and_wait(client, project, proc, main, "Hello from Go!", "Hello again!",
-                                 project.url + "/hello", b"Hello again!")
+                                 project.url + "/hello/", b"Hello again!")
         # A broken build: the old code keeps running, dev pages show the compiler output.
         with open(main, "a") as f:
             f.write("\nthis is not go\n")
 
         async def error_page():
-            response, body = await client.get(project.url + "/hello")
+            response, body = await client.get(project.url + "/hello/")
             return response.code == 500 and b"Build failed" in body
         await wait_until(error_page, 120, "the build-error page", proc)
-        response, body = await client.get(project.url + "/hello")
+        response, body = await client.get(project.url + "/hello/")
         self.assertIn(b"main.go", body)                  # the compiler's message
         self.assertIn(b"TQServer live reload", body)     # reloads after the next good build
         self.assertEqual(len(processes_of(project.root)), 1)   # old instance still up
@@ -409,7 +413,7 @@ class DevReloadTests(IntegrationBase):
             f.write(text)
 
         async def fixed():
-            response, body = await client.get(project.url + "/hello")
+            response, body = await client.get(project.url + "/hello/")
             return response.code == 200 and b"Hello again!" in body
         await wait_until(fixed, 120, "the fixed build", proc)
         self.assertEqual(await stop_twistd(proc), 0)

@@ -129,6 +129,7 @@ class FakePool:
         self.instances = set(instances)
         self.public_dir = public_dir
         self.build_error: Optional[str] = None
+        self.start_error: Optional[str] = None
         self.error: Optional[str] = None
         self.starting = False          # wait_serving holds requests while True
         self._waiters: List[defer.Deferred] = []
@@ -557,7 +558,10 @@ class RoutingTests(ProxyTestCase):
         self.api_up = self.upstream("api")
         self.apix_up = self.upstream("apix")
         self.keep_up = self.upstream("keep")
+        self.plain_up = self.upstream("plain")
         self.start_proxy(
+            FakePool("plain", "/plain", [FakeInstance(self.plain_up.port, "plain#1")],
+                     config=WorkerConfig(trailing_slash_redirect=False)),
             FakePool("index", "/", [FakeInstance(self.root_up.port, "index#1")]),
             FakePool("api", "/api", [FakeInstance(self.api_up.port, "api#1")]),
             FakePool("apix", "/apix/v1", [FakeInstance(self.apix_up.port, "apix#1")]),
@@ -588,6 +592,29 @@ class RoutingTests(ProxyTestCase):
         yield self.check("/api/search?q=a%20b&x=1&x=2", "api", "/search?q=a%20b&x=1&x=2", "/api")
         yield self.check("/api?only=query", "api", "/?only=query", "/api")
         yield self.check("/?", "root", "/", None)
+
+    @defer.inlineCallbacks
+    def test_route_without_slash_redirects_to_it_with_one(self):
+        for method, path, code, location in [
+                ("GET", "/api", 301, "/api/"),
+                ("HEAD", "/api", 301, "/api/"),
+                ("GET", "/api?q=a%20b&x=1", 301, "/api/?q=a%20b&x=1"),
+                ("POST", "/api?x=1", 308, "/api/?x=1"),
+                ("DELETE", "/apix/v1", 308, "/apix/v1/")]:
+            response = yield self.request(method, path, allow_redirects=False)
+            yield response.content()
+            self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                             (code, [location]), (method, path))
+        self.assertEqual(self.api_up.seen, [])  # answered by the proxy itself
+        # Only the bare route: the site root and deeper paths are forwarded as they are.
+        yield self.check("/api/", "api", "/", "/api")
+        yield self.check("/apix", "root", "/apix", None)
+
+    @defer.inlineCallbacks
+    def test_slash_redirect_can_be_turned_off(self):
+        response = yield self.get("/plain", allow_redirects=False)
+        data = yield self.json(response)
+        self.assertEqual((response.code, data["uri"]), (200, "/"))
 
     @defer.inlineCallbacks
     def test_strip_prefix_false(self):

@@ -37,6 +37,7 @@ class FakePool:
     instances: set = attrs.field(factory=set)
     error: object = None
     build_error: object = None
+    start_error: object = None
     soon: bool = False
 
     @property

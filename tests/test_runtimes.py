@@ -444,6 +444,110 @@ class InstallJarTests(unittest.TestCase):
         self.assertIn("install-jar SOURCE DEST", self.out.getvalue())
 
 
+# ------------------------------------------------------------------------------ python
+
+class PythonTests(SpecMixin, unittest.TestCase):
+    def setUp(self) -> None:
+        from tqserver.runtimes import python
+        self.python = python
+        self.runtime = python.PythonRuntime()
+        self.uv = executable(os.path.join(os.path.abspath(self.mktemp()), "uv"))
+        self.patch(python, "find_uv", lambda: self.uv)
+
+    def installed(self, spec) -> None:
+        """What a successful install leaves: the venv's python and the stamp."""
+        executable(os.path.join(spec.directory, ".venv", "bin", "python"))
+        for step in self.runtime.build_steps(spec):
+            if "stamp" in step.argv:
+                buildhelper.main(step.argv[2:])
+
+    def test_script_or_app_on_the_supervisors_interpreter(self) -> None:
+        spec = self.make_spec("python")
+        self.assertEqual(self.runtime.build_steps(spec), [])
+        self.assertEqual(self.runtime.run_argv(spec, 9000),
+                         [sys.executable, os.path.join(spec.directory, "src", "main.py")])
+        spec = attrs.evolve(spec, config=attrs.evolve(spec.config, python=attrs.evolve(
+            spec.config.python, app="shop.web:create_app()")))
+        self.assertEqual(self.runtime.run_argv(spec, 9000),
+                         [sys.executable, "-m", "tqserver.worker", "shop.web:create_app()"])
+
+    def test_interpreter_per_worker(self) -> None:
+        spec = self.make_spec("python")
+        python = lambda name: attrs.evolve(spec, config=attrs.evolve(  # noqa: E731
+            spec.config, python=attrs.evolve(spec.config.python, interpreter=name)))
+        found = shutil.which("python3")
+        self.assertEqual(self.runtime.run_argv(python("python3"), 1)[0], found)
+        e = self.assertRaises(ToolchainMissing, self.runtime.build_steps, python("python3.99"))
+        self.assertIn("'python3.99' is not installed", str(e))
+        local = executable(os.path.join(spec.directory, "py", "bin", "python"))
+        self.assertEqual(self.runtime.run_argv(python("py/bin/python"), 1)[0], local)
+        self.assertRaises(ToolchainMissing, self.runtime.build_steps, python("/no/python"))
+
+    def test_dependencies_installed_into_the_workers_venv_only_when_changed(self) -> None:
+        spec = self.make_spec("python")
+        req = write(os.path.join(spec.directory, "requirements.txt"), "flask==3.0.3\n")
+        venv = os.path.join(spec.directory, ".venv")
+        steps = self.runtime.build_steps(spec)
+        self.assertEqual([s.argv[:3] for s in steps],
+                         [[self.uv, "venv", "--clear"], [self.uv, "pip", "install"],
+                          [sys.executable, runtimes._HELPER, "stamp"]])
+        self.assertEqual(steps[0].argv[3:], ["--python", sys.executable, venv])
+        self.assertEqual(steps[1].argv[3:],
+                         ["--python", os.path.join(venv, "bin", "python"), "-r", req])
+        self.assertEqual(steps[1].env["UV_PYTHON_DOWNLOADS"], "never")
+        self.installed(spec)
+        self.assertEqual(self.runtime.build_steps(spec), [])    # unchanged: no install
+        self.assertEqual(self.runtime.run_argv(spec, 1)[0], os.path.join(venv, "bin", "python"))
+        env = self.runtime.env(spec, 1)
+        self.assertEqual(env["VIRTUAL_ENV"], venv)
+        self.assertTrue(env["PATH"].startswith(os.path.join(venv, "bin") + os.pathsep))
+        self.assertEqual(env["PYTHONPATH"], self.python.WORKER_PATH)
+        # A changed manifest installs again, into the same venv.
+        write(req, "flask==3.0.3\nitsdangerous\n")
+        steps = self.runtime.build_steps(spec)
+        self.assertEqual([s.argv[1] for s in steps[:1]], ["pip"])
+        # python.app adds the ASGI server; another interpreter makes the venv anew.
+        self.installed(spec)
+        other = next((p for p in map(shutil.which, ("pypy3", "python3")) if p and
+                      os.path.realpath(p) != os.path.realpath(sys.executable)), None)
+        if other is None:
+            raise unittest.SkipTest("no second interpreter (pypy3, python3) on PATH")
+        app = attrs.evolve(spec, config=attrs.evolve(spec.config, python=attrs.evolve(
+            spec.config.python, app="main:app", interpreter=other)))
+        steps = self.runtime.build_steps(app)
+        self.assertEqual(steps[0].argv[1:3], ["venv", "--clear"])
+        self.assertEqual(steps[1].argv[-1], "uvicorn")
+
+    def test_pyproject_and_the_pip_fallback(self) -> None:
+        self.patch(self.python, "find_uv", lambda: None)
+        spec = self.make_spec("python")
+        toml = write(os.path.join(spec.directory, "pyproject.toml"),
+                     '[project]\nname = "x"\ndependencies = ["flask>=3", "itsdangerous"]\n')
+        venv = os.path.join(spec.directory, ".venv")
+        py = os.path.join(venv, "bin", "python")
+        steps = self.runtime.build_steps(spec)
+        self.assertEqual(steps[0].argv, [sys.executable, "-m", "venv", "--clear", venv])
+        self.assertEqual(steps[1].argv[1:3], [runtimes._HELPER, "pyproject-requirements"])
+        listed = steps[1].argv[-1]
+        self.assertEqual(steps[2].argv, [py, "-m", "pip", "install",
+                                         "--disable-pip-version-check", "-r", listed])
+        if sys.version_info >= (3, 11):
+            buildhelper.main(steps[1].argv[2:])
+            with open(listed) as f:
+                self.assertEqual(f.read(), "flask>=3\nitsdangerous\n")
+        self.assertTrue(toml)
+
+    def test_worker_path_has_tqserver_worker_and_nothing_else(self) -> None:
+        # -S: no site-packages, so only what PYTHONPATH gives is importable.
+        import subprocess
+        env = dict(os.environ, PYTHONPATH=self.python.WORKER_PATH)
+        code = ("import sys, tqserver.worker\n"
+                "try:\n    import twisted\nexcept ImportError:\n    print('isolated')\n")
+        out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True,
+                             text=True, timeout=30)
+        self.assertEqual((out.returncode, out.stdout.strip()), (0, "isolated"), out.stderr)
+
+
 # ------------------------------------------------------------------------------ command
 
 class CommandTests(SpecMixin, unittest.TestCase):

@@ -446,8 +446,9 @@ class WSGIWorkerTests(WorkerTestCase):
         env = json.loads(body)
         self.assertEqual(env["PATH_INFO"], "/some where/x")
         self.assertEqual(env["QUERY_STRING"], "a=1&b=%20")
-        self.assertEqual(env["REQUEST_URI"], "/some%20where/x?a=1&b=%20")
-        self.assertEqual(env["SCRIPT_NAME"], "")
+        # Mounted at /api: SCRIPT_NAME is the route, REQUEST_URI what the client asked for.
+        self.assertEqual(env["REQUEST_URI"], "/api/some%20where/x?a=1&b=%20")
+        self.assertEqual(env["SCRIPT_NAME"], "/api")
         self.assertEqual(env["HTTP_X_FORWARDED_PREFIX"], "/api")
         self.assertEqual(env["wsgi.url_scheme"], "https")
         self.assertEqual(env["SERVER_PROTOCOL"], "HTTP/1.1")

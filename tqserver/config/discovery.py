@@ -91,7 +91,7 @@ def infer_type(directory: str, config: WorkerConfig) -> str | None:
         or _exists(directory, config.bun.entrypoint)
     ):
         return "bun"
-    if _exists(directory, config.python.entrypoint):
+    if config.python.app or _exists(directory, config.python.entrypoint):
         return "python"
     if _any(directory, "public/*.php"):
         return "php"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import attrs
 
 from tqserver.config.errors import ConfigWarning
@@ -45,9 +47,28 @@ class GoConfig:
     build_flags: tuple[str, ...] = _f((), _str_list())
 
 
+_APP_TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(\(\))?)?$")
+
+
+def _app_target(value, ctx, key, pos):
+    """python.app: "package.module:app" (or ":create_app()", a factory to call)."""
+    value = _str(null_ok=True)(value, ctx, key, pos)
+    if value and not _APP_TARGET.match(value):
+        raise ctx.error(
+            key,
+            pos,
+            f'expected "package.module:app" or "package.module:create_app()", got {value!r}',
+        )
+    return value
+
+
 @attrs.frozen
 class PythonConfig:
     entrypoint: str = _f("src/main.py", _str())
+    # The application object to serve (WSGI or ASGI), instead of running a script.
+    app: str = _f("", _app_target)
+    # python3.12 | pypy3 | /path/to/python; "" = the supervisor's own interpreter.
+    interpreter: str = _f("", _str(null_ok=True))
 
 
 @attrs.frozen
@@ -113,6 +134,9 @@ class WorkerConfig:
     type: str | None = _f(None, _optional(_choice(*WORKER_TYPES)))
     enabled: bool | str = _f(True, _enabled)
     strip_prefix: bool = _f(True, _bool)
+    # GET /route (no slash) -> 301 /route/, as nginx does for a prefix location (when the
+    # prefix is stripped: the app would see "/" for both).
+    trailing_slash_redirect: bool = _f(True, _bool)
     working_directory: str = _f("worker", _choice("worker", "project"))
     health_path: str = _f("/health", _url_path)
     env: dict[str, str] = _f({}, _str_map)

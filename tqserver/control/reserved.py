@@ -125,6 +125,7 @@ class Reserved:
                 for i in sorted(pool.instances, key=lambda i: i.id)
             ]
             info["build_output"] = pool.build_error
+            info["start_output"] = pool.start_error
             workers[name] = info
         return {
             "mode": sup.mode,

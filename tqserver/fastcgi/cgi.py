@@ -78,8 +78,11 @@ def cgi_params(
 ) -> Params:
     """The FastCGI PARAMS of ``request`` running ``script``.
 
-    REQUEST_URI is the client's (route prefix and query included) and SCRIPT_NAME carries
-    the prefix too, so applications compute their base URL right. Request headers become
+    What nginx + php-fpm give an application mounted at a sub-path: REQUEST_URI is the
+    client's (route prefix and query included), SCRIPT_NAME carries the prefix too, and
+    DOCUMENT_URI (like PHP_SELF) is SCRIPT_NAME + PATH_INFO, so applications compute their
+    base URL and cookie paths right. X-Forwarded-Prefix is not passed: the prefix is in
+    those already, and frameworks that honour the header would add it a second time. Request headers become
     HTTP_* except those in ``skip`` (hop-by-hop, the client's X-Forwarded-*) and names
     with '_' (HTTP_X_A could be X-A or X_A: nginx drops them too); ``forwarded`` (this
     proxy's X-Forwarded-*, X-Request-ID) are added, and HTTP_PROXY never exists
@@ -102,7 +105,7 @@ def cgi_params(
         (b"QUERY_STRING", query),
         (b"REQUEST_SCHEME", b"https" if secure else b"http"),
         (b"DOCUMENT_ROOT", fs(document_root)),
-        (b"DOCUMENT_URI", unquote_to_bytes(request.path)),
+        (b"DOCUMENT_URI", fs(prefix + script.name + script.path_info)),
         (b"SCRIPT_FILENAME", fs(script.filename)),
         (b"SCRIPT_NAME", fs(prefix + script.name)),
         (b"PATH_INFO", fs(script.path_info)),
@@ -130,7 +133,8 @@ def cgi_params(
         joiner = b"; " if lname == b"cookie" else b", "
         http[_header_key(name)] = joiner.join(values)
     for name, value in forwarded:
-        http[_header_key(name)] = value
+        if name.lower() != b"x-forwarded-prefix":
+            http[_header_key(name)] = value
     params.extend(http.items())
     return params
 

@@ -100,6 +100,7 @@ class MirrorPool(Rotation):
         self.name = snapshot.spec.name
         self.error = snapshot.error
         self.build_error = snapshot.build_error
+        self.start_error = snapshot.start_error
         self.soon = snapshot.may_serve_soon
         self.serving = serving
         if serving or not self.soon:

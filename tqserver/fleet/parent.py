@@ -301,6 +301,7 @@ class ProxyFleet(Service):
                 may_serve_soon=pool._may_serve_soon(),
                 error=pool.error,
                 build_error=pool.build_error,
+                start_error=pool.start_error,
             )
             for _, pool in self.supervisor.routes.items()
         ]

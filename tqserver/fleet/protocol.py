@@ -69,6 +69,7 @@ class PoolSnapshot:
     may_serve_soon: bool  # starting or restarting: hold requests
     error: str | None
     build_error: str | None
+    start_error: str | None = None  # dev: why new code exited at start
 
 
 class Configure(amp.Command):

@@ -17,6 +17,17 @@ if TYPE_CHECKING:
     from tqserver.proxy.site import ProxyRequest
 
 
+def slash_redirect(request: ProxyRequest) -> None:
+    """301 (GET, HEAD) or 308 (any other method: keep it and the body) to the path with
+    a trailing slash, query string kept."""
+    _, sep, query = request.uri.partition(b"?")
+    request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+    request.setHeader(b"location", request.path + b"/" + sep + query)
+    request.setHeader(b"content-length", b"0")
+    request.setHeader(b"x-request-id", request.request_id)
+    request.finish_when_read()
+
+
 class Front:
     """Decides what each request is (the proxy's routing brain); it only reads the
     supervisor's current snapshot, never waits on it."""
@@ -61,19 +72,31 @@ class Front:
             return None
         route, pool = hit
         request.worker_pool = pool
+        config = pool.spec.config
+        if (
+            len(path) == len(route)
+            and route != "/"
+            and config.strip_prefix
+            and config.trailing_slash_redirect
+        ):
+            # /flask -> /flask/, as nginx does for a prefix location: both would reach the
+            # app as "/", and its relative links resolve under its route only from /flask/.
+            request.renderer = slash_redirect
+            return None
         rest = strip_prefix(route, path)
         if request.method in (b"GET", b"HEAD") and pool.public_dir is not None:
             found = static.resolve_public_file(pool.public_dir, rest)
             if found is not None:
                 request.renderer = lambda req: static.serve_file(req, found)
                 return None
-        if self.dev and pool.build_error:
+        if self.dev and (pool.build_error or pool.start_error):
+            built = pool.build_error is not None
             request.renderer = error_renderer(
                 500,
-                f"The last build of worker '{pool.name}' failed; the page reloads after "
-                "the next good build.",
-                output=pool.build_error,
-                title="Build failed",
+                f"The last {'build' if built else 'start'} of worker '{pool.name}' failed; "
+                "the page reloads after the next good one.",
+                output=pool.build_error if built else pool.start_error,
+                title="Build failed" if built else "Start failed",
                 live_reload=pool.name,
             )
             return None

@@ -105,6 +105,27 @@ class Runtime:
         return None
 
 
+# Not a program's sources: checked on their own, static, or written while it runs.
+_NOT_INPUTS = frozenset(
+    ["config", "public", "views", "bin", "logs", "data", "node_modules", "vendor", "__pycache__"]
+)
+
+
+def worker_files(spec: WorkerSpec) -> list[str]:
+    """The worker's own files (its program, scripts, data it ships, dependency manifests),
+    so a prod reload redoes it when they change; not config/ (its own check), public/
+    (static) or views/, nor hidden ones (.venv) or what the program writes."""
+    try:
+        names = os.listdir(spec.directory)
+    except OSError:
+        return []
+    return sorted(
+        os.path.join(spec.directory, n)
+        for n in names
+        if not n.startswith(".") and n not in _NOT_INPUTS
+    )
+
+
 def find_tool(name: str, *fallbacks: str) -> str | None:
     """A toolchain binary on PATH, else at a well-known install location."""
     found = shutil.which(name)

@@ -3,7 +3,9 @@ build step (a child process, like the compiler) so nothing touches the disk from
 reactor and a failed or cancelled build leaves nothing half-done.
 
     python buildhelper.py touch PATH
+    python buildhelper.py stamp PATH TEXT
     python buildhelper.py install-jar SOURCE DEST [STAMP DIGEST]
+    python buildhelper.py pyproject-requirements PYPROJECT OUT
 
 Standard library only: it runs as a script, without tqserver on the path.
 """
@@ -27,6 +29,31 @@ def touch(path: str) -> None:
     os.utime(path, None)
 
 
+def stamp(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` by rename: a stamp is there whole or not at all."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w") as f:
+        f.write(text + "\n")
+    os.replace(partial, path)
+
+
+def pyproject_requirements(pyproject: str, out: str) -> None:
+    """[project].dependencies of a pyproject.toml as a requirements file, for pip (which,
+    unlike uv, cannot install a project's dependencies without the project itself)."""
+    try:
+        import tomllib
+    except ImportError:
+        raise SystemExit(
+            f"reading {pyproject} needs Python 3.11+ (tomllib) when uv is not installed: "
+            "install uv (pip install uv), or list the dependencies in requirements.txt"
+        ) from None
+    with open(pyproject, "rb") as f:
+        deps = tomllib.load(f).get("project", {}).get("dependencies", [])
+    stamp(out, "\n".join(deps))
+    print(f"{pyproject}: {len(deps)} dependencies")
+
+
 def pick_jar(directory: str) -> str | None:
     """The runnable jar a Gradle or Maven build left in ``directory``: a fat jar if there
     is one, else the newest ordinary jar."""
@@ -43,7 +70,7 @@ def pick_jar(directory: str) -> str | None:
 
 
 def install_jar(
-    source: str, dest: str, stamp: str | None = None, digest: str | None = None
+    source: str, dest: str, stamp_path: str | None = None, digest: str | None = None
 ) -> None:
     """Put the built jar at ``dest`` by rename, never by rewriting it in place: a running
     JVM keeps reading its own (old) jar lazily, and must not see a new one under it."""
@@ -64,16 +91,19 @@ def install_jar(
         shutil.copyfile(source, partial)
         os.replace(partial, dest)
     print(f"installed {os.path.relpath(source)} as {os.path.relpath(dest)}")
-    if stamp is not None:
-        partial = f"{stamp}.{os.getpid()}.partial"
-        with open(partial, "w") as f:
-            f.write((digest or "") + "\n")
-        os.replace(partial, stamp)
+    if stamp_path is not None:
+        stamp(stamp_path, digest or "")
 
 
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "touch":
         touch(argv[1])
+        return 0
+    if len(argv) == 3 and argv[0] == "stamp":
+        stamp(argv[1], argv[2])
+        return 0
+    if len(argv) == 3 and argv[0] == "pyproject-requirements":
+        pyproject_requirements(argv[1], argv[2])
         return 0
     if len(argv) in (3, 5) and argv[0] == "install-jar":
         install_jar(*argv[1:])

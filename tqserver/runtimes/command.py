@@ -7,20 +7,7 @@ import os
 import shutil
 
 from tqserver.config.discovery import WorkerSpec
-from tqserver.runtimes import BuildStep, CannotBuild, Runtime
-
-# Not the program's sources: checked on their own, static, or written while it runs.
-_NOT_INPUTS = {
-    "config",
-    "public",
-    "views",
-    "bin",
-    "logs",
-    "data",
-    "node_modules",
-    "vendor",
-    "__pycache__",
-}
+from tqserver.runtimes import BuildStep, CannotBuild, Runtime, worker_files
 
 
 def substitute(text: str, port: int) -> str:
@@ -55,15 +42,4 @@ class CommandRuntime(Runtime):
         return {k: substitute(v, port) for k, v in spec.config.env.items()}
 
     def build_inputs(self, spec: WorkerSpec) -> list[str]:
-        """The worker's own files (its program, scripts, data it ships), so a prod reload
-        restarts it when they change; not config/ (its own check), public/ (static) or
-        views/, nor what the program writes."""
-        try:
-            names = os.listdir(spec.directory)
-        except OSError:
-            return []
-        return sorted(
-            os.path.join(spec.directory, n)
-            for n in names
-            if not n.startswith(".") and n not in _NOT_INPUTS
-        )
+        return worker_files(spec)

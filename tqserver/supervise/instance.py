@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Callable
 
@@ -56,13 +57,18 @@ def signal_group(pid: int | None, sig: int) -> bool:
         return False
 
 
+TAIL_LINES = 40  # the last lines of output an instance keeps (shown when it fails to start)
+
+
 class LineSink:
-    """Collects a child's output into whole lines, each prefixed, for a log writer."""
+    """Collects a child's output into whole lines, each prefixed, for a log writer; the
+    last TAIL_LINES are kept too."""
 
     def __init__(self, prefix: bytes, write: Callable[[bytes], None]) -> None:
         self._prefix = prefix
         self._write = write
         self._partial: dict[int, bytes] = {}
+        self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
 
     def feed(self, fd: int, data: bytes) -> None:
         data = self._partial.pop(fd, b"") + data
@@ -74,6 +80,7 @@ class LineSink:
         if tail:
             self._partial[fd] = tail
         if lines:
+            self.tail.extend(line.rstrip(b"\r") for line in lines)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S").encode()
             self._write(
                 b"".join(
@@ -248,6 +255,10 @@ class Instance(InFlight, ProcessProtocol):
         self.transport.closeStdin()
 
     _leader_pid: int | None = None
+
+    def last_output(self) -> str:
+        """The last lines the process wrote (stdout and stderr), e.g. a traceback."""
+        return b"\n".join(self._sink.tail).decode("utf-8", "replace")
 
     def describe_exit(self) -> str:
         if self.exit_signal:

@@ -71,6 +71,7 @@ class WorkerPool(Rotation, Service):
         self.last_build: BuildResult | None = None
         self.error: str | None = None
         self.build_error: str | None = None  # compiler output while the build is broken
+        self.start_error: str | None = None  # last output of new code that exited at start
         self.deploying = False
         self.restarts: dict[str, int] = {}
         self.crash_times: list[float] = []
@@ -194,6 +195,7 @@ class WorkerPool(Rotation, Service):
         if (
             len(self.serving) < self.desired
             or self.build_error
+            or self.start_error
             or self.crash_loop
             or any(inst.health_failures for inst in self.serving)
         ):
@@ -388,6 +390,7 @@ class WorkerPool(Rotation, Service):
         if problems or not self.running:
             if problems:
                 self._fail(problems[0])
+                self._exited_at_start([i for i in new if i.state == "exited" and not i.stopping])
                 log.error(
                     "{worker}: new instance not started ({problem}); {keep}",
                     worker=self.name,
@@ -401,8 +404,8 @@ class WorkerPool(Rotation, Service):
             inst.state = "ready"
             inst.ready_at = self.ctx.reactor.seconds()
         kept = [inst for inst in self.serving if inst not in replacing]
+        self.error = self.start_error = None
         self._set_serving(tuple(kept + new))
-        self.error = None
         self.last_swap_seconds = self.ctx.reactor.seconds() - self._deploy_started
         self.ctx.changed(self, "swap")
         log.info(
@@ -415,6 +418,21 @@ class WorkerPool(Rotation, Service):
         for inst in replacing:
             self._retire(inst)
         return True
+
+    def _exited_at_start(self, exited: list[Instance]) -> None:
+        """New instances that exited before their first healthy probe: each counts as a
+        crash (a worker that keeps doing it is crash-looping), and what the last one wrote
+        (a traceback, a missing module) is shown on the worker's routes in dev mode."""
+        if not exited:
+            return
+        now = self.ctx.reactor.seconds()
+        self.crash_times = [t for t in self.crash_times if now - t < CRASH_LOOP_WINDOW]
+        self.crash_times += [now] * len(exited)
+        self.restarts["start"] = self.restarts.get("start", 0) + len(exited)
+        inst = exited[-1]
+        output = inst.last_output()
+        self.start_error = f"{self.error}\n\n{output}" if output else self.error
+        self.ctx.changed(self, "start-failed")
 
     def _schedule_retry(self) -> None:
         """Nothing serving and the start failed: try again later (not spinning)."""

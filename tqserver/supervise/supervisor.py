@@ -268,7 +268,7 @@ class Supervisor(MultiService):
         if what == "swap":
             self.events.publish("swap", pool.name)
             self.metrics.swap_duration.labels(pool.name).observe(pool.last_swap_seconds)
-        elif what == "error" and pool.build_error:
+        elif (what == "error" and pool.build_error) or what == "start-failed":
             self.events.publish("build-failed", pool.name)  # the page shows the output
         if what == "build" and pool.last_build is not None:
             result = (

@@ -1,0 +1,405 @@
+"""Framework applications as their users write them, through the real twistd: each
+framework installed from its registry into the worker's own environment by the build step
+(Flask and FastAPI into workers/<name>/.venv, Hono into node_modules), mounted under a
+prefix, with links, redirects and cookies right; the dev loop around them (startup
+errors on the page, crash loops in /health, hot reload across installs).
+
+Downloads are shared: uv's cache lives in the trial temp directory for the whole run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from twisted.trial import unittest
+
+from .support import Client, stop_twistd, wait_until
+from .test_integration import IntegrationBase, d
+
+
+def cookie_of(response, name: str):
+    """(value, attributes) of the Set-Cookie for ``name``."""
+    for header in response.headers.getRawHeaders("set-cookie") or []:
+        pair, _, attributes = header.partition(";")
+        key, _, value = pair.partition("=")
+        if key.strip() == name:
+            attrs = {}
+            for part in attributes.split(";"):
+                k, _, v = part.strip().partition("=")
+                attrs[k.lower()] = v
+            return value, attrs
+    return None, {}
+
+
+def inotify_watches(pid: int) -> int:
+    """How many inotify watches the process holds (the kernel lists them per descriptor)."""
+    count = 0
+    fdinfo = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(fdinfo):
+        try:
+            with open(os.path.join(fdinfo, fd)) as f:
+                count += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            pass
+    return count
+
+
+class FrameworkBase(IntegrationBase):
+    timeout = 600
+
+    def start(self, project, *args, **kw):
+        env = dict(kw.pop("env", None) or {})
+        # One download per run: trial runs tests in its temp directory.
+        env.setdefault("UV_CACHE_DIR", os.path.abspath(os.path.join("..", "uv-cache")))
+        return IntegrationBase.start(self, project, *args, env=env, **kw)
+
+    def built_seconds(self, proc, worker: str) -> float:
+        found = re.findall(rf"built {re.escape(worker)} in ([0-9.]+)s", proc.text)
+        return float(found[-1]) if found else -1.0
+
+
+class FlaskTests(FrameworkBase):
+    """The example worker workers/flask: a form POST, a redirect, a cookie session, a
+    template and a static file, under /flask."""
+
+    def test_flask_app_under_a_prefix(self):
+        return d(self._flask())
+
+    async def _flask(self):
+        project = self.make_project()
+        project.copy_worker("flask")
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["flask"], timeout=400)
+        self.assertTrue(os.path.exists(os.path.join(project.root, "workers", "flask", ".venv",
+                                                    ".tqserver-installed")))
+        base = project.url + "/flask"
+
+        response, _ = await client.get(base + "?from=menu")
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (301, ["/flask/?from=menu"]))
+
+        response, page = await client.get(base + "/")
+        self.assertEqual(response.code, 200, page)
+        self.assertIn(b'href="/flask/static/style.css"', page)
+        self.assertIn(b'action="/flask/notes"', page)
+        self.assertIn(b"no notes yet", page)
+        self.assertIn(b"<code>/flask</code>", page)  # request.script_root
+
+        response, css = await client.get(base + "/static/style.css")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"font:", css)
+
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        response, _ = await client.request(b"POST", base + "/notes", b"text=first+note", form)
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders("location"), ["/flask/"])
+        session, attributes = cookie_of(response, "session")
+        self.assertTrue(session)
+        self.assertTrue(base.endswith(attributes.get("path", "/").rstrip("/")) or
+                        attributes.get("path") == "/", attributes)
+
+        cookie = {"Cookie": f"session={session}"}
+        response, _ = await client.request(b"POST", base + "/notes", b"text=second",
+                                           dict(form, **cookie))
+        session, _ = cookie_of(response, "session")
+        response, page = await client.get(base + "/", {"Cookie": f"session={session}"})
+        self.assertIn(b"<li>first note</li><li>second</li>", page)
+
+        # The app has no /health of its own: TQServer answers it for the app.
+        response, body = await client.get(base + "/health")
+        self.assertEqual((response.code, body), (200, b"ok"))
+
+        # An unchanged rebuild skips the install: the admin API's reload-all rebuilds.
+        installed = self.built_seconds(proc, "flask")
+        response, _ = await client.request(b"POST", project.url + "/_tqserver/api/reload")
+        self.assertEqual(response.code, 202)
+        await wait_until(lambda: self._swaps(client, project, 2), 60, "a second swap", proc)
+        self.assertEqual(proc.text.count("building flask"), 1, proc.text[-3000:])
+        self.assertGreater(installed, 0)
+
+    async def _swaps(self, client, project, n):
+        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        return len([i for i in status["workers"]["flask"]["instances"]]) == 1 and \
+            status["workers"]["flask"]["instances"][0]["id"].endswith(f"#{n}")
+
+
+FASTAPI_APP = '''
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel
+
+state = {}
+
+
+@asynccontextmanager
+async def lifespan(app):
+    state["started"] = "yes"
+    yield
+    print("fastapi lifespan shutdown ran", flush=True)
+
+
+app = FastAPI(lifespan=lifespan)
+
+
+class Item(BaseModel):
+    name: str
+    price: float
+
+
+@app.post("/items")
+async def create(item: Item):
+    return {"name": item.name, "total": item.price * 2, "started": state.get("started")}
+
+
+@app.get("/where")
+async def where(request: Request):
+    return {"root_path": request.scope["root_path"], "url": str(request.url_for("where"))}
+'''
+
+
+class FastAPITests(FrameworkBase):
+    """FastAPI on uvicorn in its own venv, on a per-worker interpreter (python3)."""
+
+    def test_fastapi_app_under_a_prefix(self):
+        return d(self._fastapi())
+
+    async def _fastapi(self):
+        if shutil.which("python3") is None:
+            raise unittest.SkipTest("no python3 on PATH")
+        project = self.make_project()
+        project.write("workers/fastapi/config/worker.yaml",
+                      'type: python\npython:\n  app: "main:app"\n  interpreter: python3\n')
+        project.write("workers/fastapi/requirements.txt", "fastapi>=0.110\n")
+        project.write("workers/fastapi/main.py", FASTAPI_APP)
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["fastapi"], timeout=400)
+        base = project.url + "/fastapi"
+
+        json_type = {"Content-Type": "application/json"}
+        response, body = await client.request(b"POST", base + "/items",
+                                              b'{"name": "pen", "price": 1.25}', json_type)
+        self.assertEqual((response.code, json.loads(body)),
+                         (200, {"name": "pen", "total": 2.5, "started": "yes"}))
+        response, body = await client.request(b"POST", base + "/items", b'{"name": 3}',
+                                              json_type)
+        self.assertEqual(response.code, 422, body)
+        self.assertIn("price", body.decode())
+
+        response, body = await client.get(base + "/where")
+        self.assertEqual(json.loads(body), {"root_path": "/fastapi",
+                                            "url": project.url + "/fastapi/where"})
+
+        response, page = await client.get(base + "/docs")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"/fastapi/openapi.json", page)
+        response, body = await client.get(base + "/openapi.json")
+        self.assertEqual(response.code, 200)
+        spec = json.loads(body)
+        self.assertIn("/items", spec["paths"])
+
+        response, body = await client.get(base + "/health")
+        self.assertEqual((response.code, body), (200, b"ok"))
+
+        # SIGTERM: uvicorn drains and runs the lifespan shutdown.
+        self.assertEqual(await stop_twistd(proc), 0)
+        logs = os.path.join(project.root, "logs")
+        text = "".join(open(os.path.join(logs, n)).read() for n in os.listdir(logs)
+                       if n.startswith("worker_fastapi_"))
+        self.assertIn("fastapi lifespan shutdown ran", text)
+
+
+STARTUP_OK = '''
+from tqserver.worker import serve
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"version %d"]
+
+serve(app)
+'''
+
+
+class StartupFailureTests(FrameworkBase):
+    """A Python worker that cannot start shows why on its routes (dev) and is reported as
+    crash-looping; fixed, it serves."""
+
+    def test_traceback_on_the_page_and_crash_loop_in_health(self):
+        return d(self._startup_failure())
+
+    async def _startup_failure(self):
+        project = self.make_project(restart_backoff_min_ms=50, restart_backoff_max_ms=200)
+        project.write("workers/app/src/main.py", "import no_such_module_here\n")
+        proc = self.start(project)
+        client = Client(self)
+
+        async def crash_looping():
+            _, health = await client.get_json(project.url + "/health")
+            return health["workers"]["app"]["crash_loop"]
+        await wait_until(crash_looping, 60, "crash_loop: true in /health", proc)
+        response, page = await client.get(project.url + "/app/")
+        self.assertEqual(response.code, 500)
+        self.assertIn(b"Start failed", page)
+        self.assertIn(b"ModuleNotFoundError", page)
+        self.assertIn(b"no_such_module_here", page)
+
+        project.write("workers/app/src/main.py", STARTUP_OK % 1)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=60)
+        response, body = await client.get(project.url + "/app/")
+        self.assertEqual(body, b"version 1")
+
+        # New code that fails to start: the old keeps serving, the page says why.
+        project.write("workers/app/src/main.py", "def broken(:\n")
+
+        async def start_failed_page():
+            response, page = await client.get(project.url + "/app/")
+            return response.code == 500 and b"SyntaxError" in page
+        await wait_until(start_failed_page, 60, "the SyntaxError on the page", proc)
+        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        self.assertEqual(len(status["workers"]["app"]["instances"]), 1)  # the old one
+
+        project.write("workers/app/src/main.py", STARTUP_OK % 2)
+
+        async def fixed():
+            _, body = await client.get(project.url + "/app/")
+            return body == b"version 2"
+        await wait_until(fixed, 60, "version 2 served", proc)
+
+
+HONO_PACKAGE = {"name": "hono-app", "private": True, "type": "module",
+                "dependencies": {"hono": "^4.6.0"}}
+HONO_APP = """
+import { Hono } from "hono";
+
+// Mounted as it would be behind any proxy that keeps the prefix: basePath, strip_prefix false.
+const app = new Hono().basePath("/hono");
+app.get("/health", (c) => c.text("ok"));
+app.get("/", (c) => c.text("hono VERSION"));
+app.get("/items/:id", (c) => c.json({ id: c.req.param("id") }));
+app.post("/items", async (c) => c.json({ got: await c.req.json() }, 201));
+app.get("/old", (c) => c.redirect("/hono/items/1"));
+
+export default { port: Number(process.env.PORT), hostname: "127.0.0.1", fetch: app.fetch };
+"""
+PY_VERSION = """
+from tqserver.worker import serve
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"py VERSION"]
+
+serve(app)
+"""
+
+
+class HonoTests(FrameworkBase):
+    """Hono on Bun, installed by `bun install` at start and again while the server runs;
+    hot reload keeps working for every worker afterwards (the watcher never descends into
+    node_modules, whose temporary directories come and go)."""
+
+    def setUp(self):
+        from .test_polyglot_integration import require_bun
+        require_bun()
+
+    def test_hono_and_hot_reload_across_bun_install(self):
+        return d(self._hono())
+
+    async def _hono(self):
+        project = self.make_project()
+        project.write("workers/hono/config/worker.yaml",
+                      "type: bun\nstrip_prefix: false\nhealth_path: /hono/health\n")
+        project.write("workers/hono/package.json", json.dumps(HONO_PACKAGE))
+        project.write("workers/hono/index.ts", HONO_APP.replace("VERSION", "v1"))
+        project.write("workers/py/src/main.py", PY_VERSION.replace("VERSION", "v1"))
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["hono", "py"], timeout=400)
+        base = project.url + "/hono"
+
+        # The prefix is the app's own (basePath): /hono reaches it as it is, not redirected.
+        response, body = await client.get(base)
+        self.assertEqual((response.code, body), (200, b"hono v1"))
+        response, body = await client.get(base + "/items/42")
+        self.assertEqual(json.loads(body), {"id": "42"})
+        response, body = await client.request(b"POST", base + "/items", b'{"a": [1, 2]}',
+                                              {"Content-Type": "application/json"})
+        self.assertEqual((response.code, json.loads(body)), (201, {"got": {"a": [1, 2]}}))
+        response, _ = await client.get(base + "/old")
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/hono/items/1"]))
+
+        # A new dependency while the server runs: bun install again, into node_modules.
+        package = dict(HONO_PACKAGE, dependencies={"hono": "^4.6.0", "ms": "^2.1.3"})
+        project.write("workers/hono/package.json", json.dumps(package))
+        ms = os.path.join(project.root, "workers", "hono", "node_modules", "ms", "package.json")
+        await wait_until(lambda: d(self._exists(ms)), 300, "bun install of ms", proc)
+        await self.wait_healthy(client, project, proc, ["hono", "py"], timeout=120)
+
+        # Every worker still hot-reloads afterwards.
+        project.write("workers/hono/index.ts", HONO_APP.replace("VERSION", "v2"))
+        project.write("workers/py/src/main.py", PY_VERSION.replace("VERSION", "v2"))
+        for url, want in [(base, b"hono v2"), (project.url + "/py/", b"py v2")]:
+            await wait_until(lambda u=url, w=want: self._serves(client, u, w), 120,
+                             f"{want!r} at {url}", proc)
+        _, health = await client.get_json(project.url + "/health")
+        self.assertEqual((health["watcher"]["status"], health["watcher"]["failures"]),
+                         ("watching", 0))
+        # Nothing under node_modules is watched: a handful of directories, not hundreds.
+        watches = inotify_watches(proc.transport.pid)
+        self.assertLess(watches, 15, "inotify watches of twistd")
+
+    async def _exists(self, path):
+        return os.path.exists(path)
+
+    async def _serves(self, client, url, want):
+        _, body = await client.get(url)
+        return body == want
+
+
+LOGIN_PHP = r"""<?php
+// Like apps that honour X-Forwarded-Prefix and derive their cookie path from SCRIPT_NAME:
+// with the prefix in both, the path was doubled (/admin/admin/) and login never stuck.
+session_save_path(__DIR__ . '/../data');
+$prefix = $_SERVER['HTTP_X_FORWARDED_PREFIX'] ?? '';
+$path = $prefix . rtrim(dirname($_SERVER['SCRIPT_NAME']), '/') . '/';
+session_set_cookie_params(['path' => $path]);
+session_start();
+if ($_SERVER['REQUEST_METHOD'] === 'POST') {
+    $_SESSION['user'] = $_POST['user'] ?? '';
+    header('Location: ' . strtok($_SERVER['REQUEST_URI'], '?'));
+    exit;
+}
+header('Content-Type: text/plain');
+echo isset($_SESSION['user']) ? "logged in as {$_SESSION['user']}" : 'login please';
+"""
+
+
+class PhpPrefixTests(FrameworkBase):
+    def setUp(self):
+        from .php_support import require_php_fpm
+        require_php_fpm()
+
+    def test_cookie_path_from_the_prefix_is_not_doubled(self):
+        return d(self._php())
+
+    async def _php(self):
+        project = self.make_project()
+        project.write("workers/admin/public/index.php", LOGIN_PHP)
+        os.makedirs(os.path.join(project.root, "workers", "admin", "data"))
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["admin"])
+        base = project.url + "/admin/"
+        response, body = await client.request(
+            b"POST", base + "?next=1", b"user=ann",
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/admin/"]), body)
+        session, attributes = cookie_of(response, "PHPSESSID")
+        self.assertEqual(attributes.get("path"), "/admin/")
+        # A browser sends the cookie back to /admin/ because its path covers it.
+        response, body = await client.get(base, {"Cookie": f"PHPSESSID={session}"})
+        self.assertEqual(body, b"logged in as ann")

@@ -54,3 +54,10 @@ class StripPrefixTests(unittest.TestCase):
         self.assertEqual(strip_prefix("/api", b"/api/"), b"/")
         self.assertEqual(strip_prefix("/", b"/x/y"), b"/x/y")
         self.assertEqual(strip_prefix("/a/b", b"/a/b/c"), b"/c")
+
+    def test_non_ascii_route(self) -> None:
+        # Found by tests.test_fuzz: '/café' was keyed by its UTF-8 bytes (which no valid
+        # request target carries) and stripped by its length in characters.
+        table = RoutingTable([("/café", "cafe"), ("/", "root")])
+        self.assertEqual(table.match(b"/caf%C3%A9/menu"), ("/café", "cafe"))
+        self.assertEqual(strip_prefix("/café", b"/caf%C3%A9/menu"), b"/menu")

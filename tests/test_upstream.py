@@ -67,6 +67,8 @@ class FakePool:
 class Sink(UpstreamSink):
     """Records everything a connection reports."""
 
+    upgrade_requested = True  # so a 101 is taken (see test_101_not_asked_for)
+
     def __init__(self) -> None:
         self.events: list = []
         self.chunks: List[bytes] = []
@@ -169,6 +171,15 @@ class ParseHeadTests(unittest.TestCase):
                      b"HTTP/1.1 200 OK\r\n folded: continuation"):
             self.assertRaises(UpstreamError, parse_head, head)
 
+    def test_control_characters_refused(self) -> None:
+        # Found by tests.test_fuzz: these were relayed to the client as they were.
+        for head in (b"HTTP/1.1 200 OK\r\nSet-Cookie: \x00", b"HTTP/1.1 200 OK\r\n\x00: 0",
+                     b"HTTP/1.1 200 OK\r\n*:\x00: 0", b"HTTP/1.1 200 OK\r\nX: a\rb",
+                     b"HTTP/1.1 204 Weird \x01 reason", b"HTTP/1.1 200 OK\r\nX(y): 1",
+                     b"HTTP/1.1 200 OK\r\nX: \x7f"):
+            self.assertRaises(UpstreamError, parse_head, head)
+        self.assertEqual(parse_head(b"HTTP/1.1 200 OK\r\nX: a\tb \xe9")[3], [(b"X", b"a\tb \xe9")])
+
 
 class ConnectTests(ConnectionTestCase):
 
@@ -263,7 +274,7 @@ class ContentLengthTests(ConnectionTestCase):
         self.assertTrue(self.conn.closed)
 
     def test_bad_content_length(self) -> None:
-        for value in (b"abc", b"-1", b"1, 2"):
+        for value in (b"abc", b"-1", b"1, 2", b"+3", b"0x3", b"0_3"):
             sink = self.request()
             self.feed(b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\n\r\nxyz")
             self.assertEqual(sink.ended(), ["failed"], value)
@@ -335,7 +346,7 @@ class ChunkedTests(ConnectionTestCase):
         self.assertEqual(sink.ended(), ["done"])
 
     def test_bad_chunk_size(self) -> None:
-        for size in (b"zz", b"", b"-5", b"1 2"):
+        for size in (b"zz", b"", b"-5", b"1 2", b"0x3", b"+3", b"0_3", b" 3"):
             sink = self.request()
             self.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nabc")
             self.assertEqual(sink.ended(), ["failed"], size)
@@ -474,6 +485,16 @@ class UpgradeTests(ConnectionTestCase):
         self.assertEqual(sink.upgraded[1], b"")
         self.feed(b"data")
         self.assertEqual(sink.body, b"data")
+
+    def test_101_not_asked_for(self) -> None:
+        # Found by tests.test_fuzz: a 101 to a plain GET spliced the connection and relayed
+        # its head unfiltered. It is a broken response (502), not a protocol switch.
+        sink = self.request()
+        sink.upgrade_requested = False
+        self.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\ndata")
+        self.assertEqual(sink.events, ["failed"])
+        self.assertIsInstance(sink.failure.value, UpstreamError)
+        self.assertDropped()
 
     def test_sink_replaced_after_upgrade(self) -> None:
         sink = self.request()

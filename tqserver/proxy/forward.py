@@ -213,14 +213,21 @@ class Forward(UpstreamSink):
         # Transfer-Encoding overrides Content-Length (RFC 9112 6.3): the body is relayed
         # de-chunked, so the worker's length would misframe it for the client.
         framed_by_te = any(n.lower() == b"transfer-encoding" for n, _ in headers)
+        kept = []
+        length_seen = False
         for name, value in headers:
             lname = name.lower()
-            if lname == b"content-length" and framed_by_te:
-                continue
+            if lname == b"content-length":
+                # One length only (the upstream parser checked that repeats agree); none
+                # when the body is re-framed, or after a 101.
+                if framed_by_te or length_seen or code == 101:
+                    continue
+                length_seen = True
             if lname in HOP_BY_HOP or lname in connection_tokens:
                 if not (code == 101 and lname in (b"upgrade", b"connection")):
                     continue
             out.addRawHeader(name, value)
+            kept.append((name, value))
         if self.front.dev and self.decorate:
             inst = self.instance
             spec = self.pool.spec
@@ -232,7 +239,7 @@ class Forward(UpstreamSink):
             self.live_reload = self._wants_live_reload(code, out)
         request.setHeader(b"x-request-id", request.request_id)
         if code == 101:
-            self.upgrade_head = (code, reason, headers)
+            self.upgrade_head = (code, reason, kept)
         else:
             request.registerProducer(self.conn, True)
             if self.conn.flushes_sink:
@@ -388,6 +395,7 @@ class Forward(UpstreamSink):
         if chunked:
             has_body = True
             out.append(b"Transfer-Encoding: chunked\r\n")
+        self.upgrade_requested = upgrade
         if upgrade:
             out.append(b"Connection: upgrade\r\n")
             for value in headers.getRawHeaders(b"upgrade"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote
 
 
 def normalize_route(route: str) -> str:
@@ -12,11 +14,18 @@ def normalize_route(route: str) -> str:
     return route
 
 
+@functools.lru_cache(maxsize=1024)
+def route_key(route: str) -> bytes:
+    """A route as it appears in a request target: percent-encoded, so '/café' matches
+    '/caf%C3%A9' (a raw non-ASCII byte is not a valid target)."""
+    return quote(route, safe="/!$&'()*+,;=:@-._~").encode("ascii")
+
+
 def strip_prefix(prefix: str, path: bytes) -> bytes:
     """The path a worker mounted at ``prefix`` sees: '/api/items' -> '/items', '/api' -> '/'."""
     if prefix == "/":
         return path
-    rest = path[len(prefix) :]
+    rest = path[len(route_key(prefix)) :]
     if not rest:
         return b"/"
     if rest[:1] == b"?":
@@ -34,7 +43,7 @@ class RoutingTable:
         table: dict[bytes, tuple[str, Any]] = {}
         for route, target in routes:
             route = normalize_route(route)
-            key = route.encode("utf-8")
+            key = route_key(route)
             if key in table:
                 raise ValueError(f"route {route!r} is used twice")
             table[key] = (route, target)

@@ -88,6 +88,8 @@ class ProxyRequest(server.Request):
                     return False
                 continue
             if lname == b"content-length":
+                if has_length:
+                    continue  # a repeat (the upstream parser checked that repeats agree)
                 has_length = True
             lines += (name, b": ", value, b"\r\n")
             n += 1

@@ -7,6 +7,8 @@ as it arrives; nothing here buffers a body.
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
@@ -29,6 +31,8 @@ class UpstreamError(Exception):
 class UpstreamSink:
     """What a connection reports to while it carries one request (the proxy implements it)."""
 
+    upgrade_requested = False  # the request asked for an Upgrade: a 101 may answer it
+
     def upstream_response(self, code: int, reason: bytes, headers: Headers) -> None: ...
     def upstream_data(self, data: bytes) -> None: ...
     def upstream_done(self) -> None: ...
@@ -38,9 +42,21 @@ class UpstreamSink:
         """The end of one read from the instance: what it relayed may go out now."""
 
 
+# Control characters a response head must not carry (HTAB is allowed; a bare LF is a line
+# break some servers send, which the Headers path turns into a space).
+_HEAD_CTL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 def parse_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
-    """(version, status, reason, headers) of a response head without its final CRLFCRLF."""
+    """(version, status, reason, headers) of a response head without its final CRLFCRLF.
+    A control character (NUL, a bare CR...) or a field name that is not a token makes it
+    invalid: the client gets a 502, never those bytes."""
     lines = head.split(b"\r\n")
+    bad = _HEAD_CTL.search(b"".join(lines))
+    if bad is not None:
+        raise UpstreamError(f"control character {bad.group()!r} in the response head")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
         raise UpstreamError(f"bad status line {lines[0][:80]!r}")
@@ -53,7 +69,7 @@ def parse_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
     headers: Headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
+        if not sep or _TOKEN.fullmatch(name) is None:
             raise UpstreamError(f"bad header line {line[:80]!r}")
         headers.append((name, value.strip()))
     return parts[0], code, parts[2] if len(parts) > 2 else b"", headers
@@ -206,12 +222,10 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
                         raise UpstreamError("chunk size line too long")
                     return
                 line, self._buf = self._buf[:end], self._buf[end + 2 :]
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
+                digits = line.split(b";", 1)[0].rstrip(b" \t")
+                if _HEX.fullmatch(digits) is None:  # int() would take "0x5", "+5", "5_0"
                     raise UpstreamError(f"bad chunk size {line[:40]!r}")
-                if size < 0:
-                    raise UpstreamError("negative chunk size")
+                size = int(digits, 16)
                 if size == 0:
                     self._state = _TRAILER
                 else:
@@ -259,11 +273,10 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         for name, value in headers:
             lname = name.lower()
             if lname == b"content-length":
-                try:
-                    new = int(value)
-                except ValueError:
+                if not value.isdigit():  # int() would take "+5", " 5", "5_0"
                     raise UpstreamError("bad Content-Length")
-                if new < 0 or (length is not None and new != length):
+                new = int(value)
+                if length is not None and new != length:
                     raise UpstreamError("conflicting Content-Length")
                 length = new
             elif lname == b"transfer-encoding":
@@ -275,6 +288,8 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         else:
             self._keep_alive = b"keep-alive" in connection
         if code == 101:
+            if not self.sink.upgrade_requested:
+                raise UpstreamError("101 Switching Protocols to a request without Upgrade")
             self._state = _UPGRADED
             self._keep_alive = False
             rest, self._buf = self._buf, b""

@@ -144,12 +144,17 @@ class RequestSmugglingTests(ProxyTestCase):
         stream = self.worker.streams[0]
         self.assertIn(b"GET /smuggled", stream._current[2].data)  # chunk data, as sent
 
-    def test_bare_lf_in_head(self):
+    def test_control_characters_in_head(self):
+        # Twisted 25.5 (PyPy's venv) lets a bare LF inside a field value through, and it
+        # reached the worker, which may read it as a line break (X: a<LF>Content-Length: 5):
+        # found by this test on PyPy, refused by ProxyChannel.headerReceived now.
         @defer.inlineCallbacks
         def run():
             yield self.assertRefused(b"GET /x HTTP/1.1\nHost: h\r\n\r\n")
-            yield self.assertRefused(b"POST /x HTTP/1.1\r\nHost: h\r\nX: a\nContent-Length: 5"
-                                     b"\r\n\r\nabcde")
+            for value in (b"a\nContent-Length: 5", b"a\rContent-Length: 5", b"a\x0bb",
+                          b"a\x00b", b"a\x7fb"):
+                yield self.assertRefused(b"POST /x HTTP/1.1\r\nHost: h\r\nX: " + value
+                                         + b"\r\nContent-Length: 5\r\n\r\nabcde")
         return run()
 
     def test_chunk_data_longer_than_its_size(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Callable
 
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ log = Logger()
 # bind the class once instead of on every call.
 _HTTPChannel = http.HTTPChannel
 _NO_BODY_CODES = http.NO_BODY_CODES
+_FIELD_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field line: all but HTAB
 
 
 def remove_dot_segments(path: bytes) -> bytes:
@@ -339,6 +341,15 @@ class ProxyChannel(_HTTPChannel):
                 self._read_timed_out, front.supervisor.config.server.read_timeout_seconds
             )
         return _HTTPChannel.lineReceived(self, line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        # A field line with a control character (RFC 9110 5.5) is refused whatever the
+        # Twisted version: older ones pass a bare LF through, which a lax worker would read
+        # as the start of another header (X: a<LF>Content-Length: 5).
+        if _FIELD_CTL.search(line) is not None:
+            self.reject(400)
+            return False
+        return _HTTPChannel.headerReceived(self, line)
 
     def allHeadersReceived(self) -> None:
         req = self.requests[-1]

@@ -26,7 +26,7 @@ from tqserver.proxy.front import Front
 from tqserver.proxy.site import ProxyRequest, ProxySite
 from tqserver.proxy.upstream import UpstreamConnection, UpstreamPool
 
-from .test_proxy import FakeInstance, FakePool, FakeSupervisor
+from .test_proxy import FakeInstance, FakePool, proxy_state
 
 
 class Violation(AssertionError):
@@ -289,12 +289,11 @@ class MemoryProxy:
         self.clock = task.Clock()
         self.config = config or default_server_config()
         self.pool = FakePool("app", route, [FakeInstance(9, "app#1")])
-        self.supervisor = FakeSupervisor(self.config, mode, [self.pool])
-        self.front = Front(self.supervisor, self.clock)
+        self.state = proxy_state(self.config, mode, [self.pool])
+        self.front = Front(self.state, self.clock)
         self.front.upstreams = self.upstreams = MemoryUpstreams(self.clock)
         self.logged: list = []
-        self.site = ProxySite(self.front, timeout=self.config.server.idle_timeout_seconds,
-                              log_access=self.logged.append)
+        self.site = ProxySite(self.front, log_access=self.logged.append)
         self.site.requestFactory = RecordingRequest
         self.site.created = []
         self.channel = self.site.buildProtocol(None)

@@ -89,8 +89,8 @@ class PhpProxyTestCase(ProxyTestCase):
         self.addCleanup(self._close_fastcgi)
 
     def _close_fastcgi(self):
-        self.front.fastcgi.close_all()
-        return wait_until(lambda: self.front.fastcgi.open_count(self.fpm.port) == 0,
+        self.fastcgi.close_all()
+        return wait_until(lambda: self.fastcgi.open_count(self.fpm.port) == 0,
                           what="FastCGI connections to close")
 
     @defer.inlineCallbacks
@@ -272,14 +272,14 @@ class BodyTests(PhpProxyTestCase):
                              b"Transfer-Encoding: chunked\r\n\r\n"
                              b"3e8\r\n" + b"x" * 1000 + b"\r\n5\r\nhello\r\n0\r\n\r\n")
         self.assertEqual(parse_response(raw)[0], 413)
-        self.assertEqual(self.front.fastcgi.open_count(self.fpm.port), 0)
+        self.assertEqual(self.fastcgi.open_count(self.fpm.port), 0)
 
     @defer.inlineCallbacks
     def test_keep_alive_client_many_requests_few_connections(self):
         for i in range(20):
             data = yield self.info(f"/blog/info.php?i={i}")
             self.assertEqual(data["get"], {"i": str(i)})
-        self.assertLessEqual(self.front.fastcgi.open_count(self.fpm.port), 2)
+        self.assertLessEqual(self.fastcgi.open_count(self.fpm.port), 2)
         self.assertEqual(self.inst.inflight, 0)
 
 
@@ -288,7 +288,7 @@ class ErrorTests(PhpProxyTestCase):
     @defer.inlineCallbacks
     def test_write_timeout_is_504(self):
         self.server_config(write_timeout_seconds=0.3)
-        self.supervisor.config = self.config
+        self.state.config = self.config
         response = yield self.get("/blog/slow.php?ms=3000")
         self.assertEqual(response.code, 504)
         yield response.content()
@@ -301,16 +301,16 @@ class ErrorTests(PhpProxyTestCase):
         """Every connection the proxy may hold (max_workers - 1 = 4) is busy: the fifth
         request waits for one, up to the write timeout (504); the busy four complete."""
         self.server_config(write_timeout_seconds=1.0)
-        self.supervisor.config = self.config
+        self.state.config = self.config
         slow = [self.get("/blog/stream.php?ms=2500") for _ in range(4)]
-        yield wait_until(lambda: self.front.fastcgi.open_count(self.fpm.port) == 4,
+        yield wait_until(lambda: self.fastcgi.open_count(self.fpm.port) == 4,
                          what="four connections in use")
         started = reactor.seconds()
         response = yield self.get("/blog/info.php")
         self.assertEqual(response.code, 504)
         self.assertIn(b"stayed busy", (yield response.content()))
         self.assertLess(reactor.seconds() - started, 2.0)
-        self.assertEqual(self.front.fastcgi.open_count(self.fpm.port), 4)
+        self.assertEqual(self.fastcgi.open_count(self.fpm.port), 4)
         for d in slow:
             response = yield d
             self.assertEqual((yield response.content()), b"started... done")
@@ -345,10 +345,10 @@ class ErrorTests(PhpProxyTestCase):
     def test_client_gone_aborts_the_fastcgi_request(self):
         client = yield self.connect()
         client.transport.write(b"GET /blog/slow.php?ms=2000 HTTP/1.1\r\nHost: h\r\n\r\n")
-        yield wait_until(lambda: self.front.fastcgi.open_count(self.fpm.port) == 1,
+        yield wait_until(lambda: self.fastcgi.open_count(self.fpm.port) == 1,
                          what="the FastCGI request to start")
         client.transport.abortConnection()
-        yield wait_until(lambda: self.front.fastcgi.open_count(self.fpm.port) == 0,
+        yield wait_until(lambda: self.fastcgi.open_count(self.fpm.port) == 0,
                          what="the FastCGI connection to be dropped")
         self.assertEqual(self.inst.inflight, 0)
 

@@ -175,7 +175,7 @@ class CorkTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.channel = ProxyChannel()
-        self.channel.site = ProxySite(None, None, lambda request: None)
+        self.channel.site = ProxySite(None, lambda request: None)
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)
         self.addCleanup(self.channel.connectionLost, Failure(ConnectionDone()))

@@ -32,11 +32,13 @@ except ImportError:  # older Twisted
 from tqserver.config.discovery import WorkerSpec
 from tqserver.config.server import default_server_config
 from tqserver.config.worker import TimeoutsConfig, WorkerConfig
-from tqserver.control.metrics import Metrics
+from tqserver.fastcgi.client import FastCGIPool
+from tqserver.fastcgi.forward import forwarding as fastcgi_forwarding
 from tqserver.proxy.forward import Forward
 from tqserver.proxy.front import Front
 from tqserver.proxy.router import RoutingTable
 from tqserver.proxy.site import ProxyChannel, ProxyRequest, ProxySite
+from tqserver.proxy.state import ProxyState
 
 DEADLINE = 10.0
 
@@ -166,15 +168,9 @@ class FakePool:
             d.callback(self.pick())
 
 
-class FakeSupervisor:
-    """The attributes Front reads: config, routes, mode, pools, metrics."""
-
-    def __init__(self, config, mode: str, pools) -> None:
-        self.config = config
-        self.mode = mode
-        self.pools = {pool.name: pool for pool in pools}
-        self.routes = RoutingTable((pool.spec.route, pool) for pool in pools)
-        self.metrics = Metrics()
+def proxy_state(config, mode: str, pools) -> ProxyState:
+    """What Front reads: the config, the mode, the routes to these pools."""
+    return ProxyState(mode, config, RoutingTable((pool.spec.route, pool) for pool in pools))
 
 
 def transport_of(proto):
@@ -457,10 +453,10 @@ class ProxyTestCase(unittest.TestCase):
         self.config = attrs.evolve(self.config, server=attrs.evolve(self.config.server, **server))
 
     def start_proxy(self, *pools: FakePool, mode: Optional[str] = None) -> None:
-        self.supervisor = FakeSupervisor(self.config, mode or self.mode, pools)
-        self.front = Front(self.supervisor, reactor)
-        self.site = TrackingProxySite(self.front, timeout=self.config.server.idle_timeout_seconds,
-                                      log_access=self.logged.append)
+        self.state = proxy_state(self.config, mode or self.mode, pools)
+        self.fastcgi = FastCGIPool(reactor)
+        self.front = Front(self.state, reactor, forwards={"php": fastcgi_forwarding(self.fastcgi)})
+        self.site = TrackingProxySite(self.front, log_access=self.logged.append)
         self.site.noisy = False
         self.proxy_listener = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.proxy_port = self.proxy_listener.getHost().port
@@ -1275,7 +1271,7 @@ class ReadingTests(unittest.TestCase):
     def test_pause_reading_after_the_channel_resumed_the_transport(self):
         clock = task.Clock()
         channel = ProxyChannel()
-        channel.site = ProxySite(None, None, lambda request: None)
+        channel.site = ProxySite(None, lambda request: None)
         channel.callLater = clock.callLater
         transport = StringTransport()
         channel.makeConnection(transport)

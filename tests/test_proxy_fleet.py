@@ -53,11 +53,8 @@ class FakeSupervisor:
         self.root = "/srv/site"
         self.mode = "prod"
         self.config = default_server_config()
-        self.metrics = Metrics()
         self.pools = {}
         self.routes = RoutingTable()
-        self.front = None
-        self.fleet = None
 
     def add_pool(self, name: str, route: str) -> FakePool:
         spec = WorkerSpec(name=name, directory=f"/srv/site/workers/{name}", route=route,
@@ -108,7 +105,9 @@ class Harness:
         self.reactor = FakeProcessReactor()
         self.supervisor = FakeSupervisor(self.reactor)
         self.app = self.supervisor.add_pool("app", "/app")
-        self.fleet = ProxyFleet(self.supervisor, self.reactor, [], count, quiet=True)
+        self.fleet = ProxyFleet(self.reactor, self.supervisor, self.supervisor.root, [], count,
+                                quiet=True)
+        self.supervisor.metrics = Metrics(elsewhere=self.fleet.request_stats)
         self.fleet.running = True
         self.children = []
 
@@ -141,8 +140,8 @@ class FleetTests(unittest.TestCase):
         self.assertEqual(argv[1:5], ["-m", "tqserver.fleet.child", "--index", "1"])
         self.assertEqual(h.reactor.spawned[1].env["TQSERVER_PROXY_PROCESS"], "2")
         for child in h.children:
-            self.assertEqual(child.shared.relay_port, 45678)
-            self.assertEqual(child.shared.relay_secret, h.fleet.relay_secret)
+            self.assertEqual(child.relay_port, 45678)
+            self.assertEqual(child.relay_secret, h.fleet.relay_secret)
 
     def test_published_routes_reach_every_process(self) -> None:
         h = Harness(2)
@@ -237,7 +236,7 @@ class FleetTests(unittest.TestCase):
         b.request_finished()
         b.request_started()
         for child in h.children:
-            child.shared.metrics.observe_request("app", 200, 0.002)
+            child.stats.observe_request("app", 200, 0.002)
         h.reactor.advance(1.0)
         self.assertEqual(inst.requests, 2)
         self.assertEqual(inst.inflight_elsewhere, 2)
@@ -256,7 +255,7 @@ class FleetTests(unittest.TestCase):
         h.serve(h.app, inst)
         mirror = h.children[0].instances["app#1"]
         mirror.request_started()
-        h.children[0].shared.metrics.observe_request("app", 200, 0.002)
+        h.children[0].stats.observe_request("app", 200, 0.002)
         h.reactor.advance(1.0)
         self.assertEqual(inst.inflight_elsewhere, 1)
         h.reactor.spawned[0].exit(signal=9)

@@ -136,7 +136,7 @@ class RequestSmugglingTests(ProxyTestCase):
         """A chunk size beyond any body: what follows is that chunk's data, re-framed by
         the proxy, never a request of its own; the client is cut by the read timeout."""
         self.server_config(read_timeout_seconds=0.3)
-        self.supervisor.config = self.config
+        self.state.config = self.config
         data = yield self.raw(b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n"
                               b"\r\nfffffffffffffffffffff\r\nabcde\r\n0\r\n\r\n" + SMUGGLED)
         self.assertEqual(parse_response(data)[0], 408)

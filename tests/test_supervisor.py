@@ -7,6 +7,7 @@ import sys
 from twisted.trial import unittest
 
 from tqserver.config.server import default_server_config
+from tqserver.proxy.state import ProxyState
 from tqserver.supervise import instance as process
 from tqserver.supervise.supervisor import Supervisor
 
@@ -24,8 +25,8 @@ class ReconfigureTests(unittest.TestCase):
         self.reactor = FakeProcessReactor()
         self.patch(process, "signal_group", GroupSignals(self.reactor))
         config_path = os.path.join(self.root, "etc", "server.yaml")
-        self.sup = Supervisor(self.reactor, self.root, config_path, "dev",
-                              default_server_config())
+        self.sup = Supervisor(self.reactor, self.root, config_path,
+                              ProxyState("dev", default_server_config()))
 
     def write_config(self, text: str) -> None:
         with open(os.path.join(self.worker, "config", "worker.yaml"), "w") as f:

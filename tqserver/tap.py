@@ -1,9 +1,5 @@
-"""``twistd tqserver``: command-line options and the service tree.
-
-TQServer (MultiService)
-├── Supervisor            pools of worker instances + HealthChecker
-└── proxy endpoint(s)     twisted.web ProxySite on the public port(s)
-"""
+"""``twistd tqserver``: command-line options, and makeService, the one place where the
+service tree is assembled (docs/architecture.md, "Service tree", draws it)."""
 
 from __future__ import annotations
 
@@ -20,17 +16,23 @@ from twisted.python import usage
 
 from tqserver.config.errors import ConfigError
 from tqserver.config.server import ServerConfig, default_server_config, load_server_config
+from tqserver.control.events import EventHub
+from tqserver.control.metrics import Metrics
 from tqserver.control.reserved import Reserved
-from tqserver.fleet.parent import ProxyFleet, proxy_process_count
+from tqserver.fastcgi.client import FastCGIPool
+from tqserver.fastcgi.forward import forwarding as fastcgi_forwarding
+from tqserver.fleet.parent import ProxyFleet, RelayListener, RelaySite, proxy_process_count
+from tqserver.heap import freeze_startup_heap
 from tqserver.logs.files import resolve_template
 from tqserver.logs.observer import ServerLogObserver
+from tqserver.proxy.access_log import AccessLog
 from tqserver.proxy.front import Front
 from tqserver.proxy.site import ProxySite
+from tqserver.proxy.state import ProxyState
 from tqserver.supervise.supervisor import Supervisor
 from tqserver.supervise.watch import DevWatcher, HangupReload
 
 log = Logger()
-access_log = Logger(namespace="tqserver.access")
 
 MODES = {"dev": "dev", "development": "dev", "prod": "prod", "production": "prod"}
 
@@ -202,9 +204,10 @@ class TQServer(MultiService):
     """The root service. It also supplies twistd's log observer (console unless --quiet,
     plus server.log_file), which twistd picks up from the application."""
 
-    def __init__(self, observer: ServerLogObserver) -> None:
+    def __init__(self, observer: ServerLogObserver, reactor) -> None:
         MultiService.__init__(self)
         self.observer = observer
+        self.reactor = reactor
 
     def setServiceParent(self, parent) -> None:
         MultiService.setServiceParent(self, parent)
@@ -221,119 +224,83 @@ class TQServer(MultiService):
         log.info("TQServer stopped")
         # twistd re-raises SIGTERM/SIGINT on itself after a clean shutdown, so the exit
         # status would say "killed". Every worker was drained and stopped: report success.
-        from twisted.internet import reactor
-
+        reactor = self.reactor
         if getattr(reactor, "_exitSignal", None) is not None:
             reactor._exitSignal = None
         return result
 
 
-class AccessLog:
-    """One access-log line per request (README: "Health, status, metrics") and the request
-    metrics, from Site.log."""
-
-    def __init__(self, supervisor: Supervisor, reactor) -> None:
-        self.supervisor = supervisor
-        self.reactor = reactor
-
-    def __call__(self, request) -> None:
-        now = self.reactor.seconds()
-        started = getattr(request, "started_at", now)
-        seconds = now - started
-        pool = request.worker_pool
-        worker = pool.name if pool is not None else "-"
-        fwd = request.forward
-        instance = getattr(fwd, "instance_id", None) or "-"
-        code = request.code
-        self.supervisor.metrics.observe_request(worker, code, seconds)
-        if self.supervisor.config.server.access_log:
-            access_log.info(
-                '{client} "{method} {path} {proto}" {code} {size} {ms:.1f}ms worker={worker} '
-                "instance={instance} rid={rid}",
-                client=request.client_ip,
-                method=request.method.decode("latin-1"),
-                path=request.uri.decode("latin-1"),
-                proto=request.clientproto.decode("latin-1"),
-                code=code,
-                size=request.sentLength,
-                ms=seconds * 1000,
-                worker=worker,
-                instance=instance,
-                rid=request.request_id.decode("latin-1"),
-            )
-
-
-def freeze_startup_heap() -> None:
-    """Move what startup allocated (modules, config, the service tree) out of the cyclic
-    GC's reach: CPython's full collections otherwise walk all of it again and again under
-    load, pausing the proxy (docs/performance.md has the figures). PyPy has no gc.freeze
-    and needs none."""
-    import gc
-
-    freeze = getattr(gc, "freeze", None)
-    if freeze is not None:
-        gc.collect()
-        freeze()
-
-
-def makeService(options: Options):
-    from twisted.internet import reactor
-
+def makeService(options: Options, reactor=None) -> TQServer:
+    """The service tree for ``options``, on ``reactor`` (the global one by default)."""
+    if reactor is None:
+        from twisted.internet import reactor
     root = options["root"]
+    mode = options["mode"]
     config: ServerConfig = options["server_config"]
     observer = ServerLogObserver(
         quiet=options["quiet"], file_template=resolve_template(config.server.log_file, root)
     )
-    top = TQServer(observer)
+    top = TQServer(observer, reactor)
     for warning in options["warnings"]:
         log.warn("{warning}", warning=str(warning))
 
-    supervisor = Supervisor(
-        reactor,
-        root,
-        options["config"],
-        options["mode"],
-        config,
-        public_url=_public_url(options["listen"]),
-    )
-    supervisor.setServiceParent(top)
-    HangupReload(reactor, supervisor.reload).setServiceParent(top)
-    if options["mode"] == "dev":
-        supervisor.watcher = DevWatcher(reactor, supervisor, supervisor.apply_changes)
-        supervisor.watcher.setServiceParent(top)
-    front = Front(supervisor, reactor)
-    front.reserved = Reserved(supervisor)
-    supervisor.front = front
-    site = ProxySite(
-        front, timeout=config.server.idle_timeout_seconds, log_access=AccessLog(supervisor, reactor)
-    )
-
-    def apply_server_config(new: ServerConfig) -> None:
-        """What a reloaded server.yaml changes outside the supervisor."""
+    def log_file_follows(new: ServerConfig) -> None:
         observer.set_file(resolve_template(new.server.log_file, root))
-        site.timeout = new.server.idle_timeout_seconds  # for new connections
 
-    supervisor.config_listeners.append(apply_server_config)
-    reactor.callWhenRunning(freeze_startup_heap)
+    state = ProxyState(mode, config)
+    fleet = None
     if options["proxy_processes"] > 1:
         fleet = ProxyFleet(
-            supervisor,
             reactor,
+            state,
+            root,
             [listen_address(d) for d in options["listen"]],
             options["proxy_processes"],
             quiet=options["quiet"],
         )
+    metrics = Metrics(elsewhere=fleet.request_stats if fleet else lambda: ())
+    events = EventHub(reactor)
+    supervisor = Supervisor(
+        reactor,
+        root,
+        options["config"],
+        state,
+        public_url=_public_url(options["listen"]),
+        listeners=[metrics.pool_changed, events.pool_changed]
+        + ([fleet.pool_changed] if fleet else []),
+        config_listeners=[log_file_follows] + ([fleet.configure] if fleet else []),
+        idle=fleet.idle if fleet else None,
+    )
+    supervisor.setServiceParent(top)
+    events.setServiceParent(top)
+    HangupReload(reactor, supervisor.reload).setServiceParent(top)
+    watcher = None
+    if mode == "dev":
+        watcher = DevWatcher(reactor, supervisor, supervisor.apply_changes)
+        watcher.setServiceParent(top)
+    fastcgi = FastCGIPool(reactor)
+    front = Front(
+        state,
+        reactor,
+        reserved=Reserved(supervisor, metrics, events, watcher),
+        forwards={"php": fastcgi_forwarding(fastcgi)},
+    )
+    fastcgi.setServiceParent(front)
+    front.setServiceParent(top)
+    if fleet is not None:
+        RelayListener(reactor, RelaySite(front, fleet.relay_secret)).setServiceParent(fleet)
         fleet.setServiceParent(top)
-        supervisor.config_listeners.append(fleet.configure)
     else:
+        site = ProxySite(front, log_access=AccessLog(state, metrics, reactor))
         for description in options["listen"]:
             endpoint = endpoints.serverFromString(reactor, description)
             service = StreamServerEndpointService(endpoint, site)
             service._raiseSynchronously = True
-            service.setServiceParent(top)
+            service.setServiceParent(front)
+    reactor.callWhenRunning(freeze_startup_heap)
     log.info(
         "TQServer starting in {mode} mode, root {root}, listening on {listen}",
-        mode=options["mode"],
+        mode=mode,
         root=root,
         listen=", ".join(options["listen"]),
     )

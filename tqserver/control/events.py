@@ -1,28 +1,24 @@
 """Server-sent events for live reload (dev): browsers listen on /_tqserver/events and
 reload a page when the worker that served it was swapped, its build failed, or a file in
-its public/ changed."""
+its public/ changed. (The script that listens is proxy.pages.live_reload_snippet.)"""
 
 from __future__ import annotations
 
 import json
 
+from twisted.application.service import Service
 from twisted.internet import task
+
+from tqserver.supervise.events import PoolEvent
 
 HEARTBEAT_SECONDS = 15.0
 
 
-def live_reload_snippet(worker: str, events_url: str) -> bytes:
-    """The script added to dev-mode HTML pages."""
-    return (
-        "<script>/* TQServer live reload */(function(){if(!window.EventSource)return;"
-        f"var w={json.dumps(worker)},s=new EventSource({json.dumps(events_url)});"
-        "s.onmessage=function(m){var e;try{e=JSON.parse(m.data)}catch(x){return}"
-        "if(e.worker===w||e.worker==='*'){s.close();location.reload()}}})();</script>\n"
-    ).encode()
+class EventHub(Service):
+    """The open event streams, and publishing to them. A pool listener of the Supervisor
+    (``pool_changed``); stopping it ends every stream."""
 
-
-class EventHub:
-    """The open event streams, and publishing to them."""
+    name = "events"
 
     def __init__(self, reactor) -> None:
         self.reactor = reactor
@@ -42,6 +38,15 @@ class EventHub:
             self._heartbeat.clock = self.reactor
             self._heartbeat.start(HEARTBEAT_SECONDS, now=False)
 
+    def pool_changed(self, pool, event: PoolEvent) -> None:
+        """What a page served by ``pool`` reloads on."""
+        if event is PoolEvent.SWAP:
+            self.publish("swap", pool.name)
+        elif (event is PoolEvent.ERROR and pool.build_error) or event is PoolEvent.START_FAILED:
+            self.publish("build-failed", pool.name)  # the page shows the output
+        elif event is PoolEvent.PUBLIC_CHANGED:
+            self.publish("public", pool.name)
+
     def publish(self, kind: str, worker: str) -> None:
         self.published += 1
         data = b"data: " + json.dumps({"type": kind, "worker": worker}).encode() + b"\n\n"
@@ -60,6 +65,10 @@ class EventHub:
                 self.clients.discard(request)
             else:
                 request.write(data)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.close()
 
     def close(self) -> None:
         """End every stream (shutdown)."""

@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from tqserver.supervise.events import PoolEvent
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -113,13 +115,17 @@ class RequestCollector:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The supervisor's registry. Requests are counted by the AccessLog
+    (``observe_request``), pool changes arrive as a Supervisor listener (``pool_changed``);
+    ``elsewhere`` gives the counts of the proxy processes, if any."""
+
+    def __init__(self, elsewhere: Callable[[], Iterable[RequestStats]] = lambda: ()) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         self.requests = RequestStats()  # answered by this process
-        self.elsewhere: Callable[[], Iterable[RequestStats]] = lambda: ()  # proxy processes
+        self.elsewhere = elsewhere
         r.register(RequestCollector(lambda: [self.requests, *self.elsewhere()]))
         self.in_flight = Gauge(
             "tqserver_requests_in_flight", "Requests in flight", ["worker"], registry=r
@@ -152,6 +158,22 @@ class Metrics:
     def observe_request(self, worker: str, code: int, seconds: float) -> None:
         self.requests.observe_request(worker, code, seconds)
 
+    def pool_changed(self, pool, event: PoolEvent) -> None:
+        if event is PoolEvent.PROBE_OK or event is PoolEvent.PROBE_FAILED:
+            result = "ok" if event is PoolEvent.PROBE_OK else "fail"
+            self.health_checks.labels(pool.name, result).inc()
+        elif event is PoolEvent.SWAP and pool.last_swap_seconds is not None:
+            self.swap_duration.labels(pool.name).observe(pool.last_swap_seconds)
+        elif event is PoolEvent.BUILD and pool.last_build is not None:
+            build = pool.last_build
+            result = "cancelled" if build.cancelled else ("success" if build.ok else "failure")
+            self.builds.labels(pool.name, result).inc()
+            self.build_duration.labels(pool.name).observe(build.duration)
+        elif event is PoolEvent.CRASH:
+            self.restarts.labels(pool.name, "crash").inc()
+        elif event is PoolEvent.RESTART:
+            self.restarts.labels(pool.name, "health").inc()
+
     def refresh(self, pools) -> None:
         """Gauges that are cheaper to read at scrape time than to keep current."""
         self.instances.clear()
@@ -159,7 +181,8 @@ class Metrics:
         for pool in pools:
             states = {}
             for inst in pool.instances:
-                states[inst.state] = states.get(inst.state, 0) + 1
+                state = str(inst.state)
+                states[state] = states.get(state, 0) + 1
             for state, n in states.items():
                 self.instances.labels(pool.name, state).set(n)
             self.in_flight.labels(pool.name).set(

@@ -38,12 +38,17 @@ def respond_json(request, status: int, data) -> None:
     respond(request, status, json.dumps(data, indent=1).encode() + b"\n", b"application/json")
 
 
-class Reserved:
-    def __init__(self, supervisor) -> None:
-        self.supervisor = supervisor
+class ReservedPaths:
+    """Which paths are TQServer's own endpoints, as the server configuration of ``source``
+    (anything with a ``config``) says. Alone (in a proxy process, which relays them to the
+    supervisor) it has no answers; Reserved has them."""
+
+    def __init__(self, source) -> None:
+        self.source = source
 
     def match(self, path: bytes) -> Callable | None:
-        cfg = self.supervisor.config
+        """The renderer for ``path`` when it is one of TQServer's endpoints, else None."""
+        cfg = self.source.config
         if path == cfg.health.path.encode():
             return self.health
         if cfg.metrics.enabled and path == cfg.metrics.path.encode():
@@ -53,9 +58,26 @@ class Reserved:
             return self.admin
         return None
 
+    def _answered_elsewhere(self, request) -> None:
+        respond(request, 404, b"not found\n", b"text/plain")
+
+    health = metrics = admin = _answered_elsewhere
+
+
+class Reserved(ReservedPaths):
+    """The answers to TQServer's own endpoints: from the Supervisor (its pools, reloads),
+    the Metrics, the live-reload EventHub and, in dev mode, the DevWatcher."""
+
+    def __init__(self, supervisor, metrics, events, watcher=None) -> None:
+        ReservedPaths.__init__(self, supervisor)
+        self.supervisor = supervisor
+        self.metrics_registry = metrics
+        self.events = events
+        self.watcher = watcher
+
     # -- /health ---------------------------------------------------------------------
     def health(self, request) -> None:
-        status, body = health.aggregate(self.supervisor.pools.values(), self.supervisor.watcher)
+        status, body = health.aggregate(self.supervisor.pools.values(), self.watcher)
         respond_json(request, status, body)
 
     # -- /metrics --------------------------------------------------------------------
@@ -63,7 +85,7 @@ class Reserved:
         if not (self.supervisor.config.metrics.public or is_loopback(request.client_ip)):
             respond(request, 403, b"metrics are served to loopback clients only\n", b"text/plain")
             return
-        body = self.supervisor.metrics.render(self.supervisor.pools.values())
+        body = self.metrics_registry.render(self.supervisor.pools.values())
         respond(request, 200, body, METRICS_CONTENT_TYPE)
 
     # -- /_tqserver ------------------------------------------------------------------
@@ -84,7 +106,7 @@ class Reserved:
         if sub in (b"", b"index.html") and request.method in (b"GET", b"HEAD"):
             respond(request, 200, self.status_page(), b"text/html; charset=utf-8")
         elif sub == b"events" and request.method == b"GET":
-            self.supervisor.events.subscribe(request)
+            self.events.subscribe(request)
         elif sub == b"api/status" and request.method in (b"GET", b"HEAD"):
             respond_json(request, 200, self.status())
         elif sub == b"api/reload" and request.method == b"POST":
@@ -132,7 +154,7 @@ class Reserved:
             "root": sup.root,
             "workers": workers,
             "config_errors": [str(e) for e in sup.config_errors],
-            "watcher": None if sup.watcher is None else sup.watcher.describe(),
+            "watcher": None if self.watcher is None else self.watcher.describe(),
         }
 
     def status_page(self) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 
+from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
@@ -229,7 +230,7 @@ class _Port:
         )  # (d, fresh)
 
 
-class FastCGIPool:
+class FastCGIPool(Service):
     """At most ``limit`` connections per port, kept alive and reused (the warmest first).
 
     php-fpm binds a child to each kept connection, so more connections than it has
@@ -241,7 +242,12 @@ class FastCGIPool:
     pm.max_requests, or when it stops an idle child); a request that then got no answer
     is retried, but only one without a body can be. So a request with a body asks for a
     ``fresh`` connection: an idle one is closed to make room for it.
+
+    Stopped, it closes its idle connections and keeps no more.
     """
+
+    name = "fastcgi"
+    _stopped = False
 
     def __init__(
         self, reactor, connect_timeout: float = 5.0, idle_timeout: float = IDLE_SECONDS
@@ -308,6 +314,9 @@ class FastCGIPool:
                 conn.reused = True
                 waiter.callback(conn)
             return
+        if self._stopped:
+            conn.close()
+            return
         slot.idle.append(conn)
         conn.idle_call = self.reactor.callLater(self.idle_timeout, self._expire, conn)
 
@@ -346,6 +355,11 @@ class FastCGIPool:
     def close_all(self) -> None:
         for port in list(self._ports):
             self.close_port(port)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self._stopped = True
+        self.close_all()
 
     def idle_count(self, port: int | None = None) -> int:
         slots = [self._ports.get(port)] if port is not None else list(self._ports.values())

@@ -9,9 +9,12 @@ backpressure all stay Forward's; this adds the script mapping and the CGI params
 
 from __future__ import annotations
 
+import functools
+
 from twisted.internet import defer
 
 from tqserver.fastcgi.cgi import cgi_params, resolve_script
+from tqserver.fastcgi.client import FastCGIPool
 from tqserver.fastcgi.codec import FastCGIError, encode_params
 from tqserver.proxy import static
 from tqserver.proxy.errors import send_error
@@ -27,11 +30,16 @@ MAX_BUFFERED_BODY = 16 * 1024 * 1024
 
 
 class FastCGIForward(Forward):
-    """One request to a PHP worker and its response on the way back."""
+    """One request to a PHP worker and its response on the way back, over a connection
+    from ``connections``. The Front makes it with ``forwarding(connections)``."""
 
     _stderr = b""  # a STDERR line still waiting for its end
     buffering = False  # a chunked body being collected before anything is sent
     _buffered = 0
+
+    def __init__(self, connections: FastCGIPool, *args) -> None:
+        Forward.__init__(self, *args)
+        self.connections = connections
 
     def start(self) -> None:
         request = self.request
@@ -125,7 +133,7 @@ class FastCGIForward(Forward):
         # php-fpm may be closing (see FastCGIPool). A retry (the kept connection was closed
         # by a recycled php-fpm child) takes a fresh one too: other kept ones may be as stale.
         fresh = self.has_body or self.attempts > 1
-        d = self.front.fastcgi.acquire(inst.port, limit, keep_conn, fresh=fresh)
+        d = self.connections.acquire(inst.port, limit, keep_conn, fresh=fresh)
         if not d.called:
             # Waiting for a connection while every one is busy counts as waiting for an
             # answer.
@@ -147,7 +155,7 @@ class FastCGIForward(Forward):
         )
 
     def _give_back(self, conn) -> None:
-        self.front.fastcgi.release(conn)
+        self.connections.release(conn)
 
     # -- STDERR: whole lines into the instance's log, tagged with the request ---------
     def upstream_stderr(self, data: bytes) -> None:
@@ -181,3 +189,8 @@ class FastCGIForward(Forward):
     def upstream_failed(self, reason, retryable: bool) -> None:
         self._flush_stderr()
         Forward.upstream_failed(self, reason, retryable)
+
+
+def forwarding(connections: FastCGIPool):
+    """What the Front makes a PHP worker's requests with (a ``Front(forwards=...)`` entry)."""
+    return functools.partial(FastCGIForward, connections)

@@ -17,14 +17,16 @@ import signal
 import socket
 import sys
 
-import attrs
 from twisted.internet import defer, stdio, task, tcp
 from twisted.logger import Logger, globalLogBeginner
 
 from tqserver.config.discovery import WorkerSpec
+from tqserver.config.server import default_server_config
 from tqserver.config.worker import WorkerConfig
 from tqserver.control.metrics import RequestStats
-from tqserver.control.reserved import Reserved
+from tqserver.control.reserved import ReservedPaths
+from tqserver.fastcgi.client import FastCGIPool
+from tqserver.fastcgi.forward import forwarding as fastcgi_forwarding
 from tqserver.fleet.protocol import (
     RELAY_HEADER,
     Configure,
@@ -36,12 +38,15 @@ from tqserver.fleet.protocol import (
     Settings,
     WorkerOutput,
 )
+from tqserver.heap import freeze_startup_heap
 from tqserver.logs.files import resolve_template
 from tqserver.logs.observer import ServerLogObserver
+from tqserver.proxy.access_log import AccessLog
 from tqserver.proxy.forward import Forward
 from tqserver.proxy.front import Front
 from tqserver.proxy.router import RoutingTable
 from tqserver.proxy.site import ProxySite
+from tqserver.proxy.state import ProxyState
 from tqserver.supervise.rotation import InFlight, Rotation
 
 log = Logger()
@@ -118,29 +123,18 @@ class MirrorPool(Rotation):
         return self.reactor
 
 
-@attrs.define
-class ProxyState:
-    """What Front, AccessLog and Reserved read here; the supervisor's part of them."""
-
-    mode: str = "prod"
-    config: object = None
-    root: str = ""
-    routes: RoutingTable = attrs.field(factory=RoutingTable)
-    metrics: RequestStats = attrs.field(factory=RequestStats)
-    relay_port: int = 0
-    relay_secret: bytes = b""
-
-
 class RelayForward(Forward):
     """A reserved endpoint (/health, /metrics, /_tqserver...) handed to the supervisor,
     which knows the answers; the secret header lets it trust the client address we add."""
 
     decorate = False
 
+    def __init__(self, relay_secret: bytes, *args) -> None:
+        Forward.__init__(self, *args)
+        self.relay_secret = relay_secret
+
     def forwarded_headers(self):
-        return Forward.forwarded_headers(self) + [
-            (RELAY_HEADER, self.front.supervisor.relay_secret)
-        ]
+        return Forward.forwarded_headers(self) + [(RELAY_HEADER, self.relay_secret)]
 
 
 class OneAcceptPort(tcp.Port):
@@ -162,10 +156,19 @@ class ProxyProcess(QuietAMP):
         self.reactor = reactor
         self.listen_fds = listen_fds
         self.observer = observer
-        self.shared = ProxyState()
-        self.front = Front(self.shared, reactor)
-        self.front.reserved = Reserved(self.shared)
-        self.front.relay = self._relay
+        self.shared = ProxyState("prod", default_server_config())  # (AMP has a ``state``)
+        self.stats = RequestStats()  # what this process answered, reported to the supervisor
+        self.relay_port = 0
+        self.relay_secret = b""
+        self.fastcgi = FastCGIPool(reactor)
+        self.front = Front(
+            self.shared,
+            reactor,
+            reserved=ReservedPaths(self.shared),
+            forwards={"php": fastcgi_forwarding(self.fastcgi)},
+            relay=self._relay,
+        )
+        self.fastcgi.setServiceParent(self.front)
         self.site: ProxySite | None = None
         self.ports: list[tcp.Port] = []
         self.pools: dict[str, MirrorPool] = {}
@@ -180,11 +183,9 @@ class ProxyProcess(QuietAMP):
     # -- from the supervisor ---------------------------------------------------------
     @Configure.responder
     def configure(self, settings: Settings):
-        from tqserver.tap import AccessLog
-
         shared = self.shared
-        shared.config, shared.mode, shared.root = settings.config, settings.mode, settings.root
-        shared.relay_port, shared.relay_secret = settings.relay_port, settings.relay_secret
+        shared.config, shared.mode = settings.config, settings.mode
+        self.relay_port, self.relay_secret = settings.relay_port, settings.relay_secret
         self.observer.set_file(resolve_template(settings.config.server.log_file, settings.root))
         relay_spec = WorkerSpec(
             name="tqserver",
@@ -200,12 +201,8 @@ class ProxyProcess(QuietAMP):
         )
         if self.site is None:
             self.site = ProxySite(
-                self.front,
-                timeout=settings.config.server.idle_timeout_seconds,
-                log_access=AccessLog(shared, self.reactor),
+                self.front, log_access=AccessLog(shared, self.stats, self.reactor)
             )
-        else:
-            self.site.timeout = settings.config.server.idle_timeout_seconds
         return {}
 
     @Publish.responder
@@ -259,7 +256,7 @@ class ProxyProcess(QuietAMP):
             if self.retired.get(inst.id) is inst:
                 del self.retired[inst.id]
                 self.front.upstreams.close_port(inst.port)
-                self.front.fastcgi.close_port(inst.port)
+                self.fastcgi.close_port(inst.port)
 
         inst.idle().addCallback(forget)
 
@@ -270,11 +267,11 @@ class ProxyProcess(QuietAMP):
             if inst.finished or inst.inflight != inst.reported_inflight:
                 changed[inst.id] = (inst.finished, inst.inflight)
                 inst.finished, inst.reported_inflight = 0, inst.inflight
-        total = sum(self.shared.metrics.counts.values())
+        total = sum(self.stats.counts.values())
         if not changed and total == self._reported_requests:
             return
         self._reported_requests = total
-        self.callRemote(Report, instances=changed, requests=self.shared.metrics.snapshot())
+        self.callRemote(Report, instances=changed, requests=self.stats.snapshot())
 
     def _worker_output(self, instance_id: str, data: bytes) -> None:
         self.callRemote(WorkerOutput, instance=instance_id, data=data)
@@ -283,7 +280,9 @@ class ProxyProcess(QuietAMP):
     def _relay(self, request) -> Forward:
         uri = request.uri
         target = request.path + (b"?" + uri.partition(b"?")[2] if b"?" in uri else b"")
-        return RelayForward(self.front, request, self.relay_pool, "/", target, self.shared.config)
+        return RelayForward(
+            self.relay_secret, self.front, request, self.relay_pool, "/", target, self.shared.config
+        )
 
     def _listen(self) -> None:
         # Every proxy process's descriptor shares one open file, and so its O_NONBLOCK.
@@ -319,8 +318,7 @@ class ProxyProcess(QuietAMP):
             port.stopListening()
         if self.reporter.running:
             self.reporter.stop()
-        config = self.shared.config
-        grace = config.workers.shutdown_grace_period_ms / 1000.0 if config else 0.0
+        grace = self.shared.config.workers.shutdown_grace_period_ms / 1000.0
         deadline = self.reactor.seconds() + grace
         while self._busy() and self.reactor.seconds() < deadline:
             await task.deferLater(self.reactor, DRAIN_POLL_SECONDS, lambda: None)
@@ -361,8 +359,6 @@ def main(argv: list[str] | None = None) -> None:
         quiet=args.quiet, file_template=None, console=sys.stderr, system=f"proxy {args.index}"
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    from tqserver.tap import freeze_startup_heap
-
     reactor.callWhenRunning(freeze_startup_heap)
     control = ProxyProcess(reactor, args.listen, observer)
     stdio.StandardIO(control, reactor=reactor)

@@ -17,7 +17,7 @@ import socket
 import sys
 
 import psutil
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
 
@@ -89,9 +89,40 @@ class RelaySite(ProxySite):
 
     requestFactory = RelayRequest
 
-    def __init__(self, front, timeout: float, relay_secret: bytes) -> None:
-        ProxySite.__init__(self, front, timeout, log_access=lambda request: None)
+    def __init__(self, front, relay_secret: bytes) -> None:
+        ProxySite.__init__(self, front, log_access=lambda request: None)
         self.relay_secret = relay_secret
+
+
+class RelayListener(Service):
+    """The loopback port (any free one) where the supervisor answers what proxy processes
+    relay (TQServer's own endpoints). ``listening`` fires with the port once bound."""
+
+    name = "relay"
+
+    def __init__(self, reactor, site: RelaySite) -> None:
+        self.reactor = reactor
+        self.site = site
+        self.port = None
+        self.listening: defer.Deferred = defer.Deferred()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        endpoint = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        d = endpoint.listen(self.site)
+        d.addCallback(self._listening)
+        d.addErrback(lambda f: log.failure("cannot start the relay port", f))
+
+    def _listening(self, port) -> None:
+        self.port = port
+        self.listening.callback(port)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
 
 
 class SupervisorControl(QuietAMP):
@@ -150,12 +181,20 @@ class ProxyChild(protocol.ProcessProtocol):
         return d.addErrback(lambda f: None)
 
 
-class ProxyFleet(Service):
-    """Owns the public listening sockets and the proxy processes that accept on them."""
+class ProxyFleet(MultiService):
+    """Owns the public listening sockets and the proxy processes that accept on them. It
+    reads what it tells them from ``state`` (the routes and configuration the Supervisor
+    publishes there) and is a listener of the Supervisor (``pool_changed``,
+    ``configure``, ``idle``). Its child ``relay`` (a RelayListener, added by makeService)
+    is where they hand over TQServer's own endpoints."""
 
-    def __init__(self, supervisor, reactor, addresses, count: int, quiet: bool) -> None:
-        self.supervisor = supervisor
+    name = "fleet"
+
+    def __init__(self, reactor, state, root: str, addresses, count: int, quiet: bool) -> None:
+        MultiService.__init__(self)
         self.reactor = reactor
+        self.state = state
+        self.root = root
         self.addresses = addresses  # [(host, port, family)]
         self.count = count
         self.quiet = quiet
@@ -168,30 +207,23 @@ class ProxyFleet(Service):
         self._publish_call = None
         self._backoff: dict[int, float] = {}
         self._restart_calls: dict[int, object] = {}
-        supervisor.fleet = self
-        supervisor.metrics.elsewhere = self.request_stats
 
     # -- lifecycle -------------------------------------------------------------------
     def privilegedStartService(self) -> None:
         """Bind before twistd gives up privileges, so ports below 1024 work."""
-        Service.privilegedStartService(self)
         self.sockets = [
             bind_listening_socket(host, port, family) for host, port, family in self.addresses
         ]
+        MultiService.privilegedStartService(self)
 
     def startService(self) -> None:
-        Service.startService(self)
         if not self.sockets:
-            self.privilegedStartService()
-        site = RelaySite(
-            self.supervisor.front,
-            self.supervisor.config.server.idle_timeout_seconds,
-            self.relay_secret,
-        )
-        endpoint = endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
-        d = endpoint.listen(site)
-        d.addCallback(self._relay_listening)
-        d.addErrback(lambda f: log.failure("cannot start the relay port", f))
+            self.sockets = [
+                bind_listening_socket(host, port, family) for host, port, family in self.addresses
+            ]
+        MultiService.startService(self)
+        relay = self.getServiceNamed("relay")
+        relay.listening.addCallback(self._relay_listening)
 
     def _relay_listening(self, port) -> None:
         self.relay_port = port
@@ -204,12 +236,14 @@ class ProxyFleet(Service):
         )
 
     def stopService(self) -> defer.Deferred:
+        # Not MultiService's: the relay stays until every proxy process is gone (they may
+        # relay requests while they drain).
         Service.stopService(self)
         for call in self._restart_calls.values():
             if call.active():
                 call.cancel()
         self._restart_calls.clear()
-        kill_timeout = self.supervisor.config.workers.kill_timeout_ms / 1000.0
+        kill_timeout = self.state.config.workers.kill_timeout_ms / 1000.0
         waits = []
         for child in list(self.children.values()):
             if child.connected:
@@ -223,8 +257,10 @@ class ProxyFleet(Service):
             for sock in self.sockets:
                 sock.close()
             self.sockets = []
-            if self.relay_port is not None:
-                return self.relay_port.stopListening()
+            return defer.gatherResults(
+                [defer.maybeDeferred(service.stopService) for service in self],
+                consumeErrors=True,
+            )
 
         return d.addBoth(closed)
 
@@ -239,11 +275,9 @@ class ProxyFleet(Service):
         if self.quiet:
             argv.append("--quiet")
         self.children[index] = child
-        env = dict(
-            os.environ, TQSERVER_ROOT=self.supervisor.root, TQSERVER_PROXY_PROCESS=str(index)
-        )
+        env = dict(os.environ, TQSERVER_ROOT=self.root, TQSERVER_PROXY_PROCESS=str(index))
         self.reactor.spawnProcess(
-            child, sys.executable, argv, env=env, path=self.supervisor.root, childFDs=fds
+            child, sys.executable, argv, env=env, path=self.root, childFDs=fds
         )
 
     def child_started(self, child: ProxyChild) -> None:
@@ -278,17 +312,16 @@ class ProxyFleet(Service):
 
     # -- what the proxy processes are told -------------------------------------------
     def _settings(self) -> Settings:
-        sup = self.supervisor
         return Settings(
-            config=sup.config,
-            mode=sup.mode,
-            root=sup.root,
+            config=self.state.config,
+            mode=self.state.mode,
+            root=self.root,
             relay_port=self.relay_port.getHost().port,
             relay_secret=self.relay_secret,
         )
 
     def configure(self, config=None) -> None:
-        """server.yaml was reloaded (a Supervisor.config_listeners entry)."""
+        """server.yaml was reloaded (a Supervisor config listener)."""
         settings = self._settings()
         for child in self.children.values():
             child.call(Configure, settings=settings)
@@ -303,8 +336,12 @@ class ProxyFleet(Service):
                 build_error=pool.build_error,
                 start_error=pool.start_error,
             )
-            for _, pool in self.supervisor.routes.items()
+            for _, pool in self.state.routes.items()
         ]
+
+    def pool_changed(self, pool, event) -> None:
+        """A Supervisor listener: whatever changed, the processes get a new table."""
+        self.publish()
 
     def publish(self) -> None:
         """Something a proxy process routes by changed: publish once, at the end of this
@@ -350,7 +387,7 @@ class ProxyFleet(Service):
 
     def instances(self) -> dict:
         """Every instance of every pool, by id (one pass, not one per lookup)."""
-        return {inst.id: inst for pool in self.supervisor.pools.values() for inst in pool.instances}
+        return {inst.id: inst for _, pool in self.state.routes.items() for inst in pool.instances}
 
     def request_stats(self) -> list[RequestStats]:
         return [self.retired] + [child.requests for child in self.children.values()]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 
 log = Logger()
@@ -22,7 +23,11 @@ MAX_RESOLUTION = 1.0
 MIN_RESOLUTION = 0.01
 
 
-class Deadlines:
+class Deadlines(Service):
+    """Timeouts by callback, swept by one timer; stopping it forgets them all."""
+
+    name = "deadlines"
+
     def __init__(self, reactor, resolution: float = MAX_RESOLUTION) -> None:
         self.reactor = reactor
         self.resolution = resolution
@@ -76,6 +81,10 @@ class Deadlines:
                     log.failure("timeout callback {callback!r} failed", callback=callback)
         if due and self._call is None:
             self._call = self.reactor.callLater(self.resolution, self._sweep)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.stop()
 
     def stop(self) -> None:
         """Forget every deadline and the timer (for shutdown and tests)."""

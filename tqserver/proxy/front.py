@@ -1,20 +1,29 @@
-"""Front: decides what each request is — a reserved endpoint, a public/ file, an error, or a Forward to an instance — reading only the supervisor's current snapshot."""
+"""Front: decides what each request is — a reserved endpoint, a public/ file, an error, or a
+Forward to an instance — reading only the current ProxyState."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from tqserver.control.events import live_reload_snippet
-from tqserver.fastcgi.client import FastCGIPool
+from twisted.application.service import MultiService
+
 from tqserver.proxy import static
 from tqserver.proxy.deadlines import Deadlines
 from tqserver.proxy.errors import error_renderer
 from tqserver.proxy.forward import Forward
+from tqserver.proxy.pages import live_reload_snippet
 from tqserver.proxy.router import strip_prefix
 from tqserver.proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
+    from tqserver.config.server import ServerConfig
     from tqserver.proxy.site import ProxyRequest
+    from tqserver.proxy.state import ProxyState
+
+Renderer = Callable[["ProxyRequest"], None]
+# worker type -> what makes its requests' Forward: (front, request, pool, route, target, cfg)
+ForwardFactory = Callable[..., Forward]
 
 
 def slash_redirect(request: ProxyRequest) -> None:
@@ -28,36 +37,60 @@ def slash_redirect(request: ProxyRequest) -> None:
     request.finish_when_read()
 
 
-class Front:
-    """Decides what each request is (the proxy's routing brain); it only reads the
-    supervisor's current snapshot, never waits on it."""
+class ReservedPaths(Protocol):
+    """TQServer's own endpoints (/health, /metrics, /_tqserver): the renderer of a path
+    that is one of them, else None."""
 
-    def __init__(self, supervisor, reactor) -> None:
-        self.supervisor = supervisor
+    def match(self, path: bytes) -> Renderer | None: ...
+
+
+class Front(MultiService):
+    """The proxy: decides what each request is (it only reads the current ProxyState,
+    never waits on the supervisor), and owns what requests use while they are forwarded:
+    the kept-alive connections to instances and the per-request timeouts. Its other
+    children are the public listening ports, or other connection pools (FastCGI)."""
+
+    name = "proxy"
+
+    def __init__(
+        self,
+        state: ProxyState,
+        reactor,
+        reserved: ReservedPaths | None = None,
+        forwards: Mapping[str, ForwardFactory] | None = None,
+        relay: Callable[[ProxyRequest], Forward] | None = None,
+    ) -> None:
+        """``forwards``: the Forward of a worker type that is not plain HTTP (PHP's
+        FastCGI). ``relay``: in a proxy process, a reserved endpoint is not answered here
+        but handed to the supervisor by the Forward this makes."""
+        MultiService.__init__(self)
+        self.state = state
         self.reactor = reactor
+        self.reserved = reserved
+        self.forwards = dict(forwards or {})
+        self.relay = relay
         self.upstreams = UpstreamPool(reactor)
-        self.deadlines = Deadlines(reactor)  # the per-request timeouts (read, idle, write)
-        self.fastcgi = FastCGIPool(reactor)
-        self.reserved = None  # set by the supervisor: reserved.Reserved
-        # In a proxy process (server.proxy_processes > 1): request -> Forward that hands a
-        # reserved endpoint to the supervisor, which answers those.
-        self.relay: Callable[[ProxyRequest], Forward] | None = None
-        from tqserver.fastcgi.forward import FastCGIForward
+        self.upstreams.setServiceParent(self)
+        self.deadlines = Deadlines(reactor)
+        self.deadlines.setServiceParent(self)
 
-        self.forwards = {"php": FastCGIForward}  # worker type -> its Forward class
+    @property
+    def config(self) -> ServerConfig:
+        return self.state.config
 
     @property
     def dev(self) -> bool:
-        return self.supervisor.mode == "dev"
+        return self.state.mode == "dev"
 
     def live_reload_snippet(self, worker: str) -> bytes:
-        events = self.supervisor.config.admin.path.rstrip("/") + "/events"
+        events = self.state.config.admin.path.rstrip("/") + "/events"
         return live_reload_snippet(worker, events)
 
     def plan(self, request: ProxyRequest) -> Forward | None:
         """Either start forwarding now (returns the Forward) or leave a renderer on the
         request for when its body is complete (returns None)."""
-        cfg = self.supervisor.config
+        state = self.state
+        cfg = state.config
         path = request.path
         if self.reserved is not None:
             handler = self.reserved.match(path)
@@ -66,7 +99,7 @@ class Front:
                     return self.relay(request)
                 request.renderer = handler
                 return None
-        hit = self.supervisor.routes.match(path)
+        hit = state.routes.match(path)
         if hit is None:
             request.renderer = error_renderer(404, "No worker serves this path.")
             return None
@@ -89,7 +122,7 @@ class Front:
             if found is not None:
                 request.renderer = lambda req: static.serve_file(req, found)
                 return None
-        if self.dev and (pool.build_error or pool.start_error):
+        if state.mode == "dev" and (pool.build_error or pool.start_error):
             built = pool.build_error is not None
             request.renderer = error_renderer(
                 500,

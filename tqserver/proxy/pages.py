@@ -4,6 +4,7 @@ prod) and the build-error page that shows compiler output while a build is broke
 from __future__ import annotations
 
 import html
+import json
 
 REASONS = {
     400: "Bad Request",
@@ -60,3 +61,13 @@ def error_page(
         + "".join(body)
         + "</main></body></html>\n"
     ).encode("utf-8")
+
+
+def live_reload_snippet(worker: str, events_url: str) -> bytes:
+    """The script added to dev-mode HTML pages."""
+    return (
+        "<script>/* TQServer live reload */(function(){if(!window.EventSource)return;"
+        f"var w={json.dumps(worker)},s=new EventSource({json.dumps(events_url)});"
+        "s.onmessage=function(m){var e;try{e=JSON.parse(m.data)}catch(x){return}"
+        "if(e.worker===w||e.worker==='*'){s.close();location.reload()}}})();</script>\n"
+    ).encode()

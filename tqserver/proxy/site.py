@@ -151,7 +151,7 @@ class ProxyRequest(server.Request):
             raw_path = remove_dot_segments(raw_path)
         self.path = raw_path
         length = self.requestHeaders.getRawHeaders(b"content-length")
-        max_body = self._front.supervisor.config.server.max_body_bytes
+        max_body = self._front.state.config.server.max_body_bytes
         if length and length[0].isdigit() and int(length[0]) > max_body:
             self.channel.reject(413)
             return
@@ -176,7 +176,7 @@ class ProxyRequest(server.Request):
             server.Request.handleContentChunk(self, data)
             return
         self._body_seen += len(data)
-        if self._body_seen > self._front.supervisor.config.server.max_body_bytes:
+        if self._body_seen > self._front.state.config.server.max_body_bytes:
             self.forward.client_gone()
             self.channel.reject(413)
             return
@@ -338,7 +338,7 @@ class ProxyChannel(_HTTPChannel):
             front = self.site.front
             self._reading = True
             front.deadlines.set(
-                self._read_timed_out, front.supervisor.config.server.read_timeout_seconds
+                self._read_timed_out, front.state.config.server.read_timeout_seconds
             )
         return _HTTPChannel.lineReceived(self, line)
 
@@ -420,16 +420,23 @@ class ProxyChannel(_HTTPChannel):
 
 
 class ProxySite(server.Site):
-    """The Site for the public port; ``front`` does the routing."""
+    """The Site for the public port; ``front`` does the routing, ``log_access`` gets each
+    finished request (see AccessLog)."""
 
     protocol = ProxyChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
 
-    def __init__(self, front: Front, timeout: float, log_access: Callable) -> None:
-        server.Site.__init__(self, resource.Resource(), timeout=timeout)
+    def __init__(self, front: Front, log_access: Callable) -> None:
+        server.Site.__init__(self, resource.Resource())
         self.front = front
         self._log_access = log_access
+
+    def buildProtocol(self, addr):
+        channel = server.Site.buildProtocol(self, addr)
+        # server.idle_timeout_seconds as configured now (a reload changes new connections)
+        channel.timeOut = self.front.state.config.server.idle_timeout_seconds
+        return channel
 
     def log(self, request) -> None:
         self._log_access(request)

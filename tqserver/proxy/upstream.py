@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
@@ -361,8 +362,12 @@ class _Factory(protocol.Factory):
         return UpstreamConnection(self.pool, self.port)
 
 
-class UpstreamPool:
-    """Idle keep-alive connections per instance port (LIFO: the warmest first)."""
+class UpstreamPool(Service):
+    """Idle keep-alive connections per instance port (LIFO: the warmest first). Stopped,
+    it closes the idle ones and keeps no more."""
+
+    name = "upstreams"
+    _stopped = False
 
     def __init__(self, reactor, connect_timeout: float = 5.0) -> None:
         self.reactor = reactor
@@ -390,7 +395,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.port, [])
-        if len(idle) >= MAX_IDLE_PER_PORT:
+        if len(idle) >= MAX_IDLE_PER_PORT or self._stopped:
             conn.abort()
         else:
             idle.append(conn)
@@ -408,6 +413,11 @@ class UpstreamPool:
     def close_all(self) -> None:
         for port in list(self._idle):
             self.close_port(port)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self._stopped = True
+        self.close_all()
 
     def idle_count(self, port: int | None = None) -> int:
         if port is not None:

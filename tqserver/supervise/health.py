@@ -27,7 +27,14 @@ class HealthChecker(Service):
     time. Not one by one: each reactor turn has a cost of its own, so probes spread one per
     turn cost the supervisor more CPU than probes sent together."""
 
-    def __init__(self, reactor, pools: Callable[[], Iterable], probe, settings: Callable) -> None:
+    def __init__(
+        self,
+        reactor,
+        pools: Callable[[], Iterable],
+        probe,
+        settings: Callable,
+        on_result: Callable[[object, bool], None] = lambda pool, ok: None,
+    ) -> None:
         self.reactor = reactor
         self._pools = pools
         self._probe = probe
@@ -36,7 +43,7 @@ class HealthChecker(Service):
         self._interval = None
         self.checks = {"ok": 0, "fail": 0}
         self._delayed: set[defer.Deferred] = set()  # probes of this round yet to start
-        self.on_result: Callable[[object, bool], None] = lambda pool, ok: None
+        self.on_result = on_result  # (pool, ok) after each probe
 
     def startService(self) -> None:
         Service.startService(self)

@@ -16,6 +16,7 @@ from tqserver.config.discovery import WorkerSpec
 from tqserver.logs.files import DatedLogFile, resolve_template
 from tqserver.runtimes import CannotBuild, Runtime
 from tqserver.supervise.build import BuildResult, run_build
+from tqserver.supervise.events import PoolEvent
 from tqserver.supervise.fingerprint import Fingerprint
 from tqserver.supervise.instance import Instance
 from tqserver.supervise.ports import PortsExhausted
@@ -47,7 +48,7 @@ class PoolContext:
     settings: Callable[[], object]  # -> current WorkersSection
     probe: Callable[[Instance, str, float], defer.Deferred]  # -> bool
     base_env: dict[str, str] = attrs.field(factory=dict)
-    changed: Callable[[WorkerPool, str], None] = lambda pool, what: None
+    changed: Callable[[WorkerPool, PoolEvent], None] = lambda pool, event: None
     started: Callable[[Instance], None] = lambda inst: None
     exited: Callable[[Instance], None] = lambda inst: None
     # Fires when no request is in flight on an instance anywhere (proxy processes included).
@@ -282,7 +283,7 @@ class WorkerPool(Rotation, Service):
 
     def _deploy_done(self, result):
         self.deploying = False
-        self.ctx.changed(self, "deployed")
+        self.ctx.changed(self, PoolEvent.DEPLOYED)
         if self._queue is not None and self.running:
             (reason, build), self._queue = self._queue, None
             waiters, self._queue_waiters = self._queue_waiters, []
@@ -350,7 +351,7 @@ class WorkerPool(Rotation, Service):
         finally:
             self._build_d = None
         self.last_build = result
-        self.ctx.changed(self, "build")
+        self.ctx.changed(self, PoolEvent.BUILD)
         if not result.ok:
             keep = " (the previous version keeps serving)" if self.serving else ""
             log.error(
@@ -369,7 +370,7 @@ class WorkerPool(Rotation, Service):
         self.error = message
         if build_output is not None:
             self.build_error = build_output
-        self.ctx.changed(self, "error")
+        self.ctx.changed(self, PoolEvent.ERROR)
 
     async def _rollout(self, count: int, replacing: list[Instance], reason: str) -> bool:
         """Start ``count`` new instances, and once all answer their first health probe put
@@ -407,7 +408,7 @@ class WorkerPool(Rotation, Service):
         self.error = self.start_error = None
         self._set_serving(tuple(kept + new))
         self.last_swap_seconds = self.ctx.reactor.seconds() - self._deploy_started
-        self.ctx.changed(self, "swap")
+        self.ctx.changed(self, PoolEvent.SWAP)
         log.info(
             "{worker} now served by {ids} on port {ports} ({reason})",
             worker=self.name,
@@ -432,7 +433,7 @@ class WorkerPool(Rotation, Service):
         inst = exited[-1]
         output = inst.last_output()
         self.start_error = f"{self.error}\n\n{output}" if output else self.error
-        self.ctx.changed(self, "start-failed")
+        self.ctx.changed(self, PoolEvent.START_FAILED)
 
     def _schedule_retry(self) -> None:
         """Nothing serving and the start failed: try again later (not spinning)."""
@@ -534,7 +535,7 @@ class WorkerPool(Rotation, Service):
         if inst not in self.serving or self.deploying:
             return
         self.restarts[reason] = self.restarts.get(reason, 0) + 1
-        self.ctx.changed(self, "restart")
+        self.ctx.changed(self, PoolEvent.RESTART)
         self.deploying = True
         self._deploy_started = self.ctx.reactor.seconds()
         d = defer.ensureDeferred(self._rollout(1, [inst], reason))
@@ -557,7 +558,7 @@ class WorkerPool(Rotation, Service):
         log.warn("{worker}: {error}", worker=self.name, error=self.error)
         if inst.ready_at is not None and now - inst.ready_at >= STABLE_RUN_SECONDS:
             self._backoff = 0.0
-        self.ctx.changed(self, "crash")
+        self.ctx.changed(self, PoolEvent.CRASH)
         self._restart_later("crash")
 
     def _restart_later(self, why: str) -> None:
@@ -595,7 +596,7 @@ class WorkerPool(Rotation, Service):
         self.serving = serving
         if serving:
             self._wake_waiters()
-        self.ctx.changed(self, "serving")
+        self.ctx.changed(self, PoolEvent.SERVING)
 
     def _cwd(self) -> str:
         if self.spec.config.working_directory == "project":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Protocol
 
@@ -197,7 +198,7 @@ class _HttpProbe:
             self.connector.stopConnecting()
 
 
-class Prober:
+class Prober(Service):
     """Asks an instance whether it is healthy, the way its runtime says (``inst.probe``):
     GET <health_path> over HTTP, or a FastCGI request for php-fpm's ping path. True only
     for a 200 (with the expected body, when one is set) within the timeout.
@@ -254,6 +255,10 @@ class Prober:
         self._open.discard(conn)
         if self._idle.get(conn.port) is conn:
             del self._idle[conn.port]
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        return self.close()
 
     def close(self) -> defer.Deferred:
         """Close every connection; fires once they are closed."""

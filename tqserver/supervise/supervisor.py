@@ -4,6 +4,8 @@ the routing snapshot the proxy reads, and the health checker."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Callable
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -12,11 +14,12 @@ from twisted.logger import Logger
 from tqserver.config.discovery import WorkerSpec, discover
 from tqserver.config.errors import ConfigError
 from tqserver.config.server import ServerConfig, load_server_config
-from tqserver.control.events import EventHub
-from tqserver.control.metrics import Metrics
 from tqserver.proxy.router import RoutingTable
+from tqserver.proxy.state import ProxyState
 from tqserver.runtimes import ToolchainMissing, runtime_for
+from tqserver.supervise.events import PoolEvent, PoolListener
 from tqserver.supervise.health import HealthChecker
+from tqserver.supervise.instance import Instance
 from tqserver.supervise.pool import PoolContext, WorkerPool
 from tqserver.supervise.ports import PortPool
 from tqserver.supervise.probe import Prober
@@ -26,39 +29,52 @@ log = Logger()
 
 
 class Supervisor(MultiService):
-    """Parent of every WorkerPool and of the HealthChecker. Changes (start, reload, a worker
-    added or removed) come here; the proxy only reads ``routes`` and ``pools``."""
+    """Parent of every WorkerPool, of the Prober and of the HealthChecker. Changes (start,
+    reload, a worker added or removed) come here. The proxy reads only ``state`` (the
+    routes and the configuration), which this replaces whole on each change.
+
+    It knows nothing of what watches it: what happens to its pools goes to ``listeners``
+    (``listener(pool, PoolEvent)``: metrics, the live-reload hub, the proxy processes), a
+    reloaded server.yaml to ``config_listeners`` (``listener(ServerConfig)``), and ``idle``
+    (``idle(instance) -> Deferred``) says when an instance leaving the rotation has no
+    request left in flight (with proxy processes: in any of them)."""
+
+    name = "supervisor"
 
     def __init__(
         self,
         reactor,
         root: str,
         config_path: str,
-        mode: str,
-        config: ServerConfig,
+        state: ProxyState,
         public_url: str = "",
+        listeners: Iterable[PoolListener] = (),
+        config_listeners: Iterable[Callable[[ServerConfig], None]] = (),
+        idle: Callable[[Instance], defer.Deferred] | None = None,
     ) -> None:
         MultiService.__init__(self)
         self.reactor = reactor
         self.root = root
         self.config_path = config_path
-        self.mode = mode
-        self.config = config
+        self.state = state
+        self.mode = state.mode
         self.public_url = public_url
+        self.listeners = tuple(listeners)
+        self.config_listeners = tuple(config_listeners)
         self.pools: dict[str, WorkerPool] = {}
-        self.routes = RoutingTable()
         self.config_errors: list[Exception] = []
-        self.metrics = Metrics()
-        w = config.workers
+        w = state.config.workers
         self.ports = PortPool(w.port_range_start, w.port_range_end)
         self.records = InstanceRecords(os.path.join(root, "run"), root)
         self.prober = Prober(reactor)
+        self.prober.setServiceParent(self)
         self.checker = HealthChecker(
-            reactor, lambda: list(self.pools.values()), self.prober, lambda: self.config.workers
+            reactor,
+            lambda: list(self.pools.values()),
+            self.prober,
+            lambda: self.config.workers,
+            on_result=self._probed,
         )
-        self.checker.on_result = lambda pool, ok: self.metrics.health_checks.labels(
-            pool.name, "ok" if ok else "fail"
-        ).inc()
         self.checker.setServiceParent(self)
         base_env = dict(os.environ)
         if public_url:
@@ -66,7 +82,7 @@ class Supervisor(MultiService):
         self.ctx = PoolContext(
             reactor=reactor,
             root=root,
-            mode=mode,
+            mode=self.mode,
             ports=self.ports,
             settings=lambda: self.config.workers,
             probe=self.prober,
@@ -74,13 +90,16 @@ class Supervisor(MultiService):
             changed=self._pool_changed,
             started=self.records.record,
             exited=self.records.forget,
-            idle=self._instance_idle,
+            idle=idle or Instance.idle,
         )
-        self.front = None  # the proxy's Front, set by tap.py
-        self.watcher = None  # dev mode's watch.DevWatcher, set by tap.py
-        self.fleet = None  # proxy_fleet.ProxyFleet when server.proxy_processes > 1
-        self.events = EventHub(reactor)
-        self.config_listeners: list = []  # called with the new ServerConfig on reload
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.state.config
+
+    @property
+    def routes(self) -> RoutingTable:
+        return self.state.routes
 
     @property
     def workers_dir(self) -> str:
@@ -99,18 +118,6 @@ class Supervisor(MultiService):
         if self.running:
             self.sync_workers()
 
-    def stopService(self) -> defer.Deferred:
-        d = defer.maybeDeferred(MultiService.stopService, self)
-
-        def cleanup(result):
-            self.events.close()
-            if self.front is not None:
-                self.front.upstreams.close_all()
-                self.front.fastcgi.close_all()
-            return self.prober.close()
-
-        return d.addBoth(cleanup)
-
     # -- workers ---------------------------------------------------------------------
     def sync_workers(self) -> dict[str, str]:
         """Make the pools match what is on disk: new workers start, removed ones stop,
@@ -123,9 +130,10 @@ class Supervisor(MultiService):
             log.error("{error}", error=str(error))
         wanted = {spec.name: spec for spec in found.workers}
         actions: dict[str, str] = {}
+        removed = []
         for name in list(self.pools):
             if name not in wanted:
-                self._remove(name)
+                removed.append(self._remove(name))
                 actions[name] = "removed"
         for name, spec in wanted.items():
             pool = self.pools.get(name)
@@ -146,6 +154,11 @@ class Supervisor(MultiService):
                 pool.deploy("configuration changed")
                 actions[name] = "reconfigured"
         self.publish_routes()
+        for pool in removed:
+            self._pool_changed(pool, PoolEvent.REMOVED)
+        for name, what in actions.items():
+            if what != "removed":
+                self._pool_changed(self.pools[name], PoolEvent(what))
         return actions
 
     def _add(self, spec: WorkerSpec) -> bool:
@@ -160,20 +173,15 @@ class Supervisor(MultiService):
         pool.setServiceParent(self)
         return True
 
-    def _remove(self, name: str) -> defer.Deferred:
+    def _remove(self, name: str) -> WorkerPool:
         pool = self.pools.pop(name)
         log.info("worker {name} removed: draining and stopping it", name=name)
-        return defer.maybeDeferred(pool.disownServiceParent)
+        pool.disownServiceParent()
+        return pool
 
     def publish_routes(self) -> None:
         """Swap in a new routing snapshot in one assignment."""
-        self.routes = RoutingTable((pool.spec.route, pool) for pool in self.pools.values())
-        if self.fleet is not None:
-            self.fleet.publish()
-
-    def _instance_idle(self, inst) -> defer.Deferred:
-        """Fires once no request is in flight on ``inst``, in any proxy process."""
-        return inst.idle() if self.fleet is None else self.fleet.idle(inst)
+        self.state.routes = RoutingTable((pool.spec.route, pool) for pool in self.pools.values())
 
     # -- reload ----------------------------------------------------------------------
     def reload_config(self) -> ServerConfig | None:
@@ -204,10 +212,15 @@ class Supervisor(MultiService):
             old.workers.port_range_end,
         ):
             self.ports.reconfigure(w.port_range_start, w.port_range_end)
-        self.config = config
+        self.state.config = config
         self.checker.reconfigure()
         for listener in self.config_listeners:
-            listener(config)
+            try:
+                listener(config)
+            except Exception:
+                log.failure(
+                    "applying the reloaded configuration failed ({listener!r})", listener=listener
+                )
         return config
 
     def reload(self, why: str, everything: bool = False) -> dict[str, str]:
@@ -260,23 +273,19 @@ class Supervisor(MultiService):
                 pool.deploy("views changed", build=False)
                 actions[change.worker] = "restarted"
             elif change.kind == "public":
-                self.events.publish("public", change.worker)
+                self._pool_changed(pool, PoolEvent.PUBLIC_CHANGED)
 
-    def _pool_changed(self, pool: WorkerPool, what: str) -> None:
-        if self.fleet is not None:
-            self.fleet.publish()
-        if what == "swap":
-            self.events.publish("swap", pool.name)
-            self.metrics.swap_duration.labels(pool.name).observe(pool.last_swap_seconds)
-        elif (what == "error" and pool.build_error) or what == "start-failed":
-            self.events.publish("build-failed", pool.name)  # the page shows the output
-        if what == "build" and pool.last_build is not None:
-            result = (
-                "cancelled"
-                if pool.last_build.cancelled
-                else ("success" if pool.last_build.ok else "failure")
-            )
-            self.metrics.builds.labels(pool.name, result).inc()
-            self.metrics.build_duration.labels(pool.name).observe(pool.last_build.duration)
-        elif what in ("crash", "restart"):
-            self.metrics.restarts.labels(pool.name, what if what == "crash" else "health").inc()
+    def _pool_changed(self, pool: WorkerPool, event: PoolEvent) -> None:
+        for listener in self.listeners:
+            try:
+                listener(pool, event)
+            except Exception:
+                log.failure(
+                    "a listener failed on {event} of {worker} ({listener!r})",
+                    event=event.value,
+                    worker=pool.name,
+                    listener=listener,
+                )
+
+    def _probed(self, pool: WorkerPool, ok: bool) -> None:
+        self._pool_changed(pool, PoolEvent.PROBE_OK if ok else PoolEvent.PROBE_FAILED)

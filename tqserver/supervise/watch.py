@@ -250,6 +250,7 @@ class DevWatcher(Service):
     broke) it says so in the log and in ``describe()`` (/health, status page), starts over
     on a fresh inotify descriptor, and reloads what changed meanwhile (``rescan``)."""
 
+    name = "watcher"
     MASK = 0
     if inotify is not None:
         MASK = (
@@ -470,6 +471,8 @@ class DevWatcher(Service):
 class HangupReload(Service):
     """SIGHUP → ``reload("SIGHUP")`` on the reactor thread. Signals arriving while a
     reload runs are not lost: the pools queue and coalesce the deploys they cause."""
+
+    name = "hangup"
 
     def __init__(self, reactor, reload: Callable[[str], None]) -> None:
         self.reactor = reactor

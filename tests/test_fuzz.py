@@ -23,9 +23,9 @@ from tqserver.config.errors import ConfigError
 from tqserver.config.server import load_server_config
 from tqserver.config.worker import load_worker_config
 from tqserver.fastcgi import codec
+from tqserver.proxy.response_head import UpstreamError, parse_response_head
 from tqserver.proxy.router import RoutingTable, normalize_route, route_key, strip_prefix
 from tqserver.proxy.site import remove_dot_segments
-from tqserver.proxy.upstream import UpstreamError, parse_head
 
 from .memproxy import MemoryProxy, Violation
 
@@ -433,8 +433,8 @@ class CodecFuzzTests(unittest.TestCase):
     @given(head=st.binary(max_size=200))
     def test_response_head_any_bytes(self, head) -> None:
         try:
-            version, code, _reason, _headers = parse_head(head)
+            parsed = parse_response_head(head)
         except UpstreamError:
             return
-        self.assertTrue(version.startswith(b"HTTP/1."))
-        self.assertTrue(100 <= code <= 999)
+        self.assertTrue(parsed.version.startswith(b"HTTP/1."))
+        self.assertTrue(100 <= parsed.code <= 999)

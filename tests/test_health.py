@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server
 
@@ -85,6 +85,29 @@ class Status(resource.Resource):
 class Target:
     def __init__(self, port: int) -> None:
         self.port = port
+
+
+class Canned(protocol.Protocol):
+    """Answers every request head with the factory's bytes, as they are."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            _, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            self.transport.write(self.factory.answer)
+
+
+class CannedFactory(protocol.Factory):
+    protocol = Canned
+    noisy = False
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.connections = 0
 
 
 class ProberTests(unittest.TestCase):
@@ -192,6 +215,37 @@ class ProberTests(unittest.TestCase):
         for request in res.pending:
             if not request._disconnected:
                 request.finish()
+
+
+class ProbeHeadTests(unittest.TestCase):
+    """The prober reads a response head as the proxy's upstream client does."""
+
+    setUp = ProberTests.setUp
+    probe_times = ProberTests.probe_times
+
+    def canned(self, answer: bytes):
+        factory = CannedFactory(answer)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return factory, port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_a_head_the_proxy_refuses_is_unhealthy(self):
+        _, port = self.canned(b"HTTP/1.1 200 OK\r\nno colon\r\nContent-Length: 2\r\n\r\nok")
+        self.assertFalse((yield self.prober(Target(port), "/health", 2.0)))
+
+    @defer.inlineCallbacks
+    def test_an_interim_response_is_skipped(self):
+        _, port = self.canned(b"HTTP/1.1 100 Continue\r\n\r\n"
+                              b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue((yield self.prober(Target(port), "/health", 2.0)))
+
+    @defer.inlineCallbacks
+    def test_http_1_0_keep_alive_is_kept(self):
+        factory, port = self.canned(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n"
+                                    b"Content-Length: 2\r\n\r\nok")
+        self.assertEqual((yield self.probe_times(port, 2)), [True, True])
+        self.assertEqual(factory.connections, 1)
 
 
 class CheckedPool:

@@ -16,13 +16,8 @@ except ImportError:  # older Twisted
     from twisted.test.proto_helpers import MemoryReactorClock, StringTransport
 
 from tqserver.proxy import upstream
-from tqserver.proxy.upstream import (
-    UpstreamConnection,
-    UpstreamError,
-    UpstreamPool,
-    UpstreamSink,
-    parse_head,
-)
+from tqserver.proxy.response_head import UpstreamError, parse_response_head
+from tqserver.proxy.upstream import UpstreamConnection, UpstreamPool, UpstreamSink
 
 LOST = Failure(error.ConnectionLost("gone"))
 DONE = Failure(error.ConnectionDone("closed"))
@@ -153,15 +148,17 @@ class ConnectionTestCase(unittest.TestCase):
 class ParseHeadTests(unittest.TestCase):
 
     def test_status_and_headers(self) -> None:
-        version, code, reason, headers = parse_head(
+        head = parse_response_head(
             b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nX-Empty:\r\nX-Pad:   v  ")
-        self.assertEqual((version, code, reason), (b"HTTP/1.1", 404, b"Not Found"))
-        self.assertEqual(headers, [(b"Content-Type", b"text/plain"), (b"X-Empty", b""),
+        self.assertEqual((head.version, head.code, head.reason),
+                         (b"HTTP/1.1", 404, b"Not Found"))
+        self.assertEqual(head.headers, [(b"Content-Type", b"text/plain"), (b"X-Empty", b""),
                                    (b"X-Pad", b"v")])
 
     def test_reason_optional(self) -> None:
-        self.assertEqual(parse_head(b"HTTP/1.1 200")[:3], (b"HTTP/1.1", 200, b""))
-        self.assertEqual(parse_head(b"HTTP/1.0 200 Very  Fine")[2], b"Very  Fine")
+        head = parse_response_head(b"HTTP/1.1 200")
+        self.assertEqual((head.version, head.code, head.reason), (b"HTTP/1.1", 200, b""))
+        self.assertEqual(parse_response_head(b"HTTP/1.0 200 Very  Fine").reason, b"Very  Fine")
 
     def test_bad_heads(self) -> None:
         for head in (b"HTTP/2 200 OK", b"HTTX/1.1 200 OK", b"HTTP/1.1 abc OK", b"HTTP/1.1 99 Low",
@@ -169,7 +166,7 @@ class ParseHeadTests(unittest.TestCase):
                      b"HTTP/1.1 200 OK\r\nno colon here", b"HTTP/1.1 200 OK\r\n: no name",
                      b"HTTP/1.1 200 OK\r\nName : space before colon",
                      b"HTTP/1.1 200 OK\r\n folded: continuation"):
-            self.assertRaises(UpstreamError, parse_head, head)
+            self.assertRaises(UpstreamError, parse_response_head, head)
 
     def test_control_characters_refused(self) -> None:
         # Found by tests.test_fuzz: these were relayed to the client as they were.
@@ -177,8 +174,9 @@ class ParseHeadTests(unittest.TestCase):
                      b"HTTP/1.1 200 OK\r\n*:\x00: 0", b"HTTP/1.1 200 OK\r\nX: a\rb",
                      b"HTTP/1.1 204 Weird \x01 reason", b"HTTP/1.1 200 OK\r\nX(y): 1",
                      b"HTTP/1.1 200 OK\r\nX: \x7f"):
-            self.assertRaises(UpstreamError, parse_head, head)
-        self.assertEqual(parse_head(b"HTTP/1.1 200 OK\r\nX: a\tb \xe9")[3], [(b"X", b"a\tb \xe9")])
+            self.assertRaises(UpstreamError, parse_response_head, head)
+        self.assertEqual(parse_response_head(b"HTTP/1.1 200 OK\r\nX: a\tb \xe9").headers,
+                         [(b"X", b"a\tb \xe9")])
 
 
 class ConnectTests(ConnectionTestCase):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from tqserver.proxy.upstream import Headers
+from tqserver.proxy.response_head import Headers
 
 VERSION = 1
 (

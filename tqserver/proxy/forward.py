@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from tqserver.proxy.errors import send_error
-from tqserver.proxy.headers import _NOT_RELAYED, HOP_BY_HOP
+from tqserver.proxy.headers import _NOT_RELAYED, HOP_BY_HOP, connection_tokens
 from tqserver.proxy.upstream import UpstreamConnection, UpstreamSink
 
 if TYPE_CHECKING:
@@ -200,15 +200,10 @@ class Forward(UpstreamSink):
         request.defaultContentType = None  # relay the worker's Content-Type, never invent one
         request.setResponseCode(code, reason or None)
         out = request.responseHeaders
-        connection_tokens = (
-            [
-                v.strip().lower()
-                for n, vs in headers
-                if n.lower() == b"connection"
-                for v in vs.split(b",")
-            ]
+        named = (
+            connection_tokens(v for n, v in headers if n.lower() == b"connection")
             if code != 101
-            else []
+            else ()
         )
         # Transfer-Encoding overrides Content-Length (RFC 9112 6.3): the body is relayed
         # de-chunked, so the worker's length would misframe it for the client.
@@ -223,7 +218,7 @@ class Forward(UpstreamSink):
                 if framed_by_te or length_seen or code == 101:
                     continue
                 length_seen = True
-            if lname in HOP_BY_HOP or lname in connection_tokens:
+            if lname in HOP_BY_HOP or lname in named:
                 if not (code == 101 and lname in (b"upgrade", b"connection")):
                     continue
             out.addRawHeader(name, value)
@@ -371,22 +366,20 @@ class Forward(UpstreamSink):
         request = self.request
         headers = request.requestHeaders
         out = [request.method, b" ", self.target, b" HTTP/1.1\r\n"]
-        connection_tokens = ()
+        named: frozenset[bytes] | tuple = ()
         connection = headers.getRawHeaders(b"connection")
         if connection:
-            connection_tokens = {
-                t.strip().lower() for value in connection for t in value.split(b",")
-            }
+            named = connection_tokens(connection)
         has_body = False
         chunked = False
-        upgrade = b"upgrade" in connection_tokens and headers.hasHeader(b"upgrade")
+        upgrade = b"upgrade" in named and headers.hasHeader(b"upgrade")
         for name, values in headers.getAllRawHeaders():
             lname = name.lower()
             if lname in _NOT_RELAYED:
                 if lname == b"transfer-encoding":
                     chunked = any(b"chunked" in v.lower() for v in values)
                 continue
-            if lname in connection_tokens:
+            if lname in named:
                 continue
             if lname == b"content-length":
                 has_body = values[0].strip() not in (b"0", b"")

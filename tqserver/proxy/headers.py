@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Iterable
 
 # Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus httpoxy's `Proxy`.
 HOP_BY_HOP = frozenset(
@@ -35,6 +36,14 @@ _FORWARDED = frozenset(
 _NOT_RELAYED = HOP_BY_HOP | _FORWARDED
 # Response headers never relayed from the worker (X-Request-ID: the proxy sets its own).
 _NOT_RELAYED_BACK = HOP_BY_HOP | {b"x-request-id"}
+
+
+def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The tokens of Connection header values, lowercased: ``close, TE`` is {close, te}
+    (twisted.web's HTTPChannel splits on spaces only)."""
+    return frozenset(
+        token for value in values for t in value.split(b",") if (token := t.strip().lower())
+    )
 
 
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")

@@ -13,7 +13,12 @@ from tqserver.proxy import pages
 from tqserver.proxy.errors import error_renderer, send_error
 from tqserver.proxy.forward import Forward, _BodyProducer
 from tqserver.proxy.front import Front
-from tqserver.proxy.headers import _NOT_RELAYED_BACK, _SANE_REQUEST_ID, next_request_id
+from tqserver.proxy.headers import (
+    _NOT_RELAYED_BACK,
+    _SANE_REQUEST_ID,
+    connection_tokens,
+    next_request_id,
+)
 from tqserver.proxy.wire import write_now
 
 log = Logger()
@@ -379,11 +384,7 @@ class ProxyChannel(_HTTPChannel):
 
     def checkPersistence(self, request, version: bytes) -> bool:
         # HTTPChannel splits Connection on spaces only: "close, te" would keep it open.
-        tokens = {
-            t.strip().lower()
-            for v in request.requestHeaders.getRawHeaders(b"connection", ())
-            for t in v.split(b",")
-        }
+        tokens = connection_tokens(request.requestHeaders.getRawHeaders(b"connection", ()))
         if version != b"HTTP/1.1":
             return False
         if b"close" in tokens:

@@ -14,19 +14,18 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 
+from tqserver.proxy.response_head import (
+    MAX_HEAD,
+    Headers,
+    UpstreamError,
+    parse_response_head,
+)
 from tqserver.proxy.wire import write_now
 
-MAX_HEAD = 64 * 1024
 MAX_IDLE_PER_PORT = 128
-
-Headers = list[tuple[bytes, bytes]]
 
 # parser states
 _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _CLOSE, _UPGRADED = range(9)
-
-
-class UpstreamError(Exception):
-    """The worker sent something that is not HTTP/1.x."""
 
 
 class UpstreamSink:
@@ -43,37 +42,7 @@ class UpstreamSink:
         """The end of one read from the instance: what it relayed may go out now."""
 
 
-# Control characters a response head must not carry (HTAB is allowed; a bare LF is a line
-# break some servers send, which the Headers path turns into a space).
-_HEAD_CTL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
-def parse_head(head: bytes) -> tuple[bytes, int, bytes, Headers]:
-    """(version, status, reason, headers) of a response head without its final CRLFCRLF.
-    A control character (NUL, a bare CR...) or a field name that is not a token makes it
-    invalid: the client gets a 502, never those bytes."""
-    lines = head.split(b"\r\n")
-    bad = _HEAD_CTL.search(b"".join(lines))
-    if bad is not None:
-        raise UpstreamError(f"control character {bad.group()!r} in the response head")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise UpstreamError(f"bad status line {lines[0][:80]!r}")
-    try:
-        code = int(parts[1])
-    except ValueError:
-        raise UpstreamError(f"bad status code {parts[1][:20]!r}")
-    if not 100 <= code <= 999:
-        raise UpstreamError(f"bad status code {code}")
-    headers: Headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or _TOKEN.fullmatch(name) is None:
-            raise UpstreamError(f"bad header line {line[:80]!r}")
-        headers.append((name, value.strip()))
-    return parts[0], code, parts[2] if len(parts) > 2 else b"", headers
 
 
 class ConnectionControl:
@@ -265,29 +234,12 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
 
     def _start_response(self, head: bytes) -> bool:
         """Handle a parsed head; False when parsing must stop (upgrade handed over)."""
-        version, code, reason, headers = parse_head(head)
-        if 100 <= code < 200 and code != 101:
-            return True  # interim response (100 Continue, 103 Early Hints): wait for the real one
-        connection = b""
-        length = None
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                if not value.isdigit():  # int() would take "+5", " 5", "5_0"
-                    raise UpstreamError("bad Content-Length")
-                new = int(value)
-                if length is not None and new != length:
-                    raise UpstreamError("conflicting Content-Length")
-                length = new
-            elif lname == b"transfer-encoding":
-                chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-            elif lname == b"connection":
-                connection += b"," + value.lower()
-        if version == b"HTTP/1.1":
-            self._keep_alive = b"close" not in connection
-        else:
-            self._keep_alive = b"keep-alive" in connection
+        parsed = parse_response_head(head)
+        if parsed.interim:
+            return True  # 100 Continue, 103 Early Hints: wait for the real one
+        code, reason, headers = parsed.code, parsed.reason, parsed.headers
+        self._keep_alive = parsed.keep_alive
+        chunked, length = parsed.chunked, parsed.length
         if code == 101:
             if not self.sink.upgrade_requested:
                 raise UpstreamError("101 Switching Protocols to a request without Upgrade")

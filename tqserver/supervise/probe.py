@@ -9,10 +9,10 @@ from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Protocol
 
 from tqserver.fastcgi import client as fastcgi_client
+from tqserver.proxy.response_head import MAX_HEAD, UpstreamError, parse_response_head
 from tqserver.runtimes import HTTP_PROBE
 from tqserver.supervise.instance import Instance
 
-MAX_HEAD = 65536  # a probe's response head larger than this is not healthy
 REUSE = 10  # probes over one kept connection; then a fresh one proves accept() again
 
 
@@ -60,17 +60,29 @@ class _ProbeConnection(Protocol):
             self.close()  # nothing was asked
             return
         self.answered = True
-        if self.code is None:
+        while self.code is None:
             self.head += data
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.head) > MAX_HEAD:
                     self._answer(False)
                 return
-            data = self.head[end + 4 :]
-            if not self._parse_head(self.head[:end]):
+            head, data, self.head = self.head[:end], self.head[end + 4 :], b""
+            try:
+                parsed = parse_response_head(head)
+            except UpstreamError:
                 self._answer(False)
                 return
+            if parsed.interim:
+                continue  # 100 Continue, 103 Early Hints: the real answer follows
+            self.code = parsed.code
+            self.keep = parsed.keep_alive
+            if parsed.chunked:
+                self.chunked = True
+            elif parsed.length is not None:
+                self.left = parsed.length
+            else:
+                self.keep = False  # delimited by the close
         if self.left is not None:
             self.left -= len(data)
             if self.left <= 0:
@@ -80,31 +92,6 @@ class _ProbeConnection(Protocol):
             self.tail = (self.tail + data)[-7:]
             if self.tail.endswith(b"0\r\n\r\n"):
                 self._answer(self.code == 200)
-
-    def _parse_head(self, head: bytes) -> bool:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            return False
-        self.code = int(parts[1])
-        self.keep = parts[0] == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                value = value.strip()
-                if not value.isdigit():
-                    return False
-                self.left = int(value)
-            elif name == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-            elif name == b"connection" and b"close" in value.lower():
-                self.keep = False
-        if self.chunked:
-            self.left = None
-        elif self.left is None:
-            self.keep = False  # delimited by the close
-        return True
 
     def _answer(self, ok: bool) -> None:
         d, self.waiting = self.waiting, None

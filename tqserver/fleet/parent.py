@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import sys
 
@@ -35,11 +34,11 @@ from tqserver.fleet.protocol import (
     WorkerOutput,
 )
 from tqserver.proxy.site import ProxyRequest, ProxySite
+from tqserver.supervise.lifecycle import Backoff, Stopper
 
 log = Logger()
 RESTART_MIN_SECONDS = 0.5
 RESTART_MAX_SECONDS = 10.0
-STABLE_SECONDS = 10.0
 LISTEN_BACKLOG = 1024
 
 
@@ -157,6 +156,9 @@ class ProxyChild(protocol.ProcessProtocol):
         self.started_at = fleet.reactor.seconds()
         self.ended: defer.Deferred = defer.Deferred()
         self.connected = False
+        self.stopper = Stopper(
+            fleet.reactor, lambda sig: self.transport.signalProcess(sig), f"proxy process {index}"
+        )
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -169,6 +171,7 @@ class ProxyChild(protocol.ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.connected = False
+        self.stopper.ended()
         self.control.connectionLost(reason)
         self.fleet.child_ended(self, reason)
         self.ended.callback(None)
@@ -205,7 +208,7 @@ class ProxyFleet(MultiService):
         self.relay_port = None
         self._version = 0
         self._publish_call = None
-        self._backoff: dict[int, float] = {}
+        self._backoff: dict[int, Backoff] = {}  # by process index
         self._restart_calls: dict[int, object] = {}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -247,9 +250,7 @@ class ProxyFleet(MultiService):
         waits = []
         for child in list(self.children.values()):
             if child.connected:
-                child.transport.signalProcess("TERM")
-                kill = self.reactor.callLater(kill_timeout, _kill, child)
-                child.ended.addBoth(lambda r, k=kill: (k.active() and k.cancel(), r)[1])
+                child.stopper.stop("TERM", kill_timeout)
             waits.append(child.ended)
         d = defer.gatherResults(waits, consumeErrors=True)
 
@@ -296,19 +297,16 @@ class ProxyFleet(MultiService):
             return
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
-        now = self.reactor.seconds()
-        backoff = self._backoff.get(child.index, 0.0)
-        if now - child.started_at >= STABLE_SECONDS:
-            backoff = 0.0
-        backoff = min(RESTART_MAX_SECONDS, max(RESTART_MIN_SECONDS, backoff * 2))
-        self._backoff[child.index] = backoff
+        backoff = self._backoff.setdefault(child.index, Backoff())
+        backoff.died(self.reactor.seconds() - child.started_at)
+        delay = backoff.next(RESTART_MIN_SECONDS, RESTART_MAX_SECONDS)
         log.warn(
             "proxy process {index} exited ({how}); starting another in {delay:.1f}s",
             index=child.index,
             how=f"signal {sig}" if sig else f"status {code}",
-            delay=backoff,
+            delay=delay,
         )
-        self._restart_calls[child.index] = self.reactor.callLater(backoff, self._spawn, child.index)
+        self._restart_calls[child.index] = self.reactor.callLater(delay, self._spawn, child.index)
 
     # -- what the proxy processes are told -------------------------------------------
     def _settings(self) -> Settings:
@@ -391,9 +389,3 @@ class ProxyFleet(MultiService):
 
     def request_stats(self) -> list[RequestStats]:
         return [self.retired] + [child.requests for child in self.children.values()]
-
-
-def _kill(child: ProxyChild) -> None:
-    if child.connected:
-        log.warn("proxy process {index} did not stop in time: SIGKILL", index=child.index)
-        child.transport.signalProcess(signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tqserver.runtimes import HTTP_PROBE, Probe
+from tqserver.supervise.lifecycle import Stopper
 from tqserver.supervise.rotation import InFlight
 
 log = Logger()
@@ -93,6 +95,20 @@ class LineSink:
             self.feed(fd, b"\n")
 
 
+class InstanceState(str, enum.Enum):
+    """Where an instance is in its life. A ``str`` too, so it reads and logs as its value."""
+
+    NEW = "new"
+    STARTING = "starting"  # spawned, not yet healthy
+    READY = "ready"  # answered its first probe: may serve
+    DRAINING = "draining"  # out of rotation, its requests in flight finishing
+    STOPPING = "stopping"  # signalled
+    EXITED = "exited"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Instance(InFlight, ProcessProtocol):
     """A running copy of a worker. The pool owns it; the proxy counts requests on it."""
 
@@ -122,7 +138,7 @@ class Instance(InFlight, ProcessProtocol):
         self.probe = probe
         self.stop_signal = stop_signal
         self.files = tuple(files)  # generated for this instance (a php-fpm config...)
-        self.state = "new"  # new -> starting -> ready -> draining -> stopping -> exited
+        self.state = InstanceState.NEW
         self.inflight = 0
         self.inflight_elsewhere = 0  # in proxy processes (server.proxy_processes > 1)
         self.requests = 0
@@ -137,12 +153,17 @@ class Instance(InFlight, ProcessProtocol):
         self.stopping = False
         self._sink = LineSink(b"[" + instance_id.encode() + b"]", output)
         self._ended: list[defer.Deferred] = []
-        self._kill_call = None
+        # signal_group looked up when called (tests stand in for it)
+        self._stopper = Stopper(
+            reactor,
+            lambda sig: signal_group(self.pid, sig),
+            f"instance {instance_id} of {worker}",
+        )
         self._idle_waiters: list[defer.Deferred] = []
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        self.state = "starting"
+        self.state = InstanceState.STARTING
         self.started_at = self.reactor.seconds()
         argv = in_new_session(self.argv)
         self.reactor.spawnProcess(self, argv[0], argv, env=self.env, path=self.cwd)
@@ -154,11 +175,11 @@ class Instance(InFlight, ProcessProtocol):
 
     @property
     def alive(self) -> bool:
-        return self.state not in ("new", "exited")
+        return self.state is not InstanceState.NEW and self.state is not InstanceState.EXITED
 
     def ended(self) -> defer.Deferred:
         """Fires (with self) once the process has exited."""
-        if self.state == "exited":
+        if self.state is InstanceState.EXITED:
             return defer.succeed(self)
         d: defer.Deferred = defer.Deferred()
         self._ended.append(d)
@@ -167,24 +188,12 @@ class Instance(InFlight, ProcessProtocol):
     def stop(self, kill_timeout: float) -> defer.Deferred:
         """SIGTERM (or the runtime's graceful stop signal) to the process group, SIGKILL
         after ``kill_timeout`` seconds; fires on exit."""
-        if self.state == "exited":
+        if self.state is InstanceState.EXITED:
             return defer.succeed(self)
         self.stopping = True
-        self.state = "stopping"
-        if self._kill_call is None:
-            signal_group(self.pid, self.stop_signal)
-            self._kill_call = self.reactor.callLater(kill_timeout, self.kill)
+        self.state = InstanceState.STOPPING
+        self._stopper.stop(self.stop_signal, kill_timeout)
         return self.ended()
-
-    def kill(self) -> None:
-        self._kill_call = None
-        if self.state != "exited":
-            log.warn(
-                "instance {id} of {worker} did not stop in time: SIGKILL",
-                id=self.id,
-                worker=self.worker,
-            )
-        signal_group(self.pid, signal.SIGKILL)
 
     # -- request accounting (the proxy calls these) ----------------------------------
     def request_started(self) -> None:
@@ -234,10 +243,8 @@ class Instance(InFlight, ProcessProtocol):
             self.exit_signal = reason.value.signal
         # The leader is gone; anything it left in its group goes with it.
         signal_group(self._leader_pid, signal.SIGKILL)
-        if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.cancel()
-        self._kill_call = None
-        self.state = "exited"
+        self._stopper.ended()
+        self.state = InstanceState.EXITED
         for path in self.files:
             try:
                 os.unlink(path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Callable
+from collections.abc import Coroutine
+from typing import Any, Callable
 
 import attrs
 from twisted.application.service import Service
@@ -18,13 +19,13 @@ from tqserver.runtimes import CannotBuild, Runtime
 from tqserver.supervise.build import BuildResult, run_build
 from tqserver.supervise.events import PoolEvent
 from tqserver.supervise.fingerprint import Fingerprint
-from tqserver.supervise.instance import Instance
+from tqserver.supervise.instance import Instance, InstanceState
+from tqserver.supervise.lifecycle import Backoff
 from tqserver.supervise.ports import PortsExhausted
 from tqserver.supervise.rotation import Rotation
 
 log = Logger()
 
-STABLE_RUN_SECONDS = 10.0  # a run this long resets the crash backoff
 CRASH_LOOP_WINDOW = 60.0  # this many crashes in this window is reported as a crash loop
 CRASH_LOOP_COUNT = 5
 READY_POLL_SECONDS = 0.025  # readiness probe cadence while an instance starts
@@ -77,7 +78,7 @@ class WorkerPool(Rotation, Service):
         self.restarts: dict[str, int] = {}
         self.crash_times: list[float] = []
         self._counter = 0
-        self._backoff = 0.0
+        self._backoff = Backoff()  # between restarts after crashes or failed starts
         self._restart_call = None
         self._queue: tuple[str, bool] | None = None
         self._queue_waiters: list[defer.Deferred] = []
@@ -119,7 +120,7 @@ class WorkerPool(Rotation, Service):
     def check_memory(self, inst: Instance) -> None:
         """Recycle ``inst`` when its process tree uses more than memory_limit (RSS)."""
         limit = self.spec.config.memory_limit
-        if not limit or inst.state != "ready":
+        if not limit or inst.state is not InstanceState.READY:
             return
         rss = tree_rss(inst.pid)
         if rss > limit:
@@ -154,11 +155,7 @@ class WorkerPool(Rotation, Service):
                 n=inflight,
                 k=len(serving),
             )
-            self.deploying = True
-            self._deploy_started = now
-            d = defer.ensureDeferred(self._rollout(1, [], "scale up"))
-            d.addErrback(self._deploy_crashed)
-            d.addBoth(self._deploy_done)
+            self._run_deploy(self._rollout(1, [], "scale up"))
 
     def maybe_scale_down(self) -> None:
         """Called periodically: retire one instance once the load has fit in one fewer for
@@ -271,8 +268,14 @@ class WorkerPool(Rotation, Service):
             waiter: defer.Deferred = defer.Deferred()
             self._queue_waiters.append(waiter)
             return waiter
+        return self._run_deploy(self._deploy(reason, build))
+
+    def _run_deploy(self, work: Coroutine[Any, Any, bool]) -> defer.Deferred:
+        """Run ``work`` (a build and swap, a scale-up, a replacement) as the one deploy in
+        progress; fires with whether new instances took over."""
         self.deploying = True
-        d = defer.ensureDeferred(self._deploy(reason, build))
+        self._deploy_started = self.ctx.reactor.seconds()
+        d = defer.ensureDeferred(work)
         d.addErrback(self._deploy_crashed)
         d.addBoth(self._deploy_done)
         return d
@@ -295,7 +298,6 @@ class WorkerPool(Rotation, Service):
         return result
 
     async def _deploy(self, reason: str, build: bool) -> bool:
-        self._deploy_started = self.ctx.reactor.seconds()
         # Taken before building: an edit made during the build counts as newer.
         before = Fingerprint.take(self.spec, self.runtime)
         if build:
@@ -402,7 +404,7 @@ class WorkerPool(Rotation, Service):
             self._schedule_retry()
             return False
         for inst in new:
-            inst.state = "ready"
+            inst.state = InstanceState.READY
             inst.ready_at = self.ctx.reactor.seconds()
         kept = [inst for inst in self.serving if inst not in replacing]
         self.error = self.start_error = None
@@ -484,7 +486,7 @@ class WorkerPool(Rotation, Service):
         await task.deferLater(reactor, s.startup_delay_ms / 1000.0, lambda: None)
         timeout = s.health_check_timeout_ms / 1000.0
         while True:
-            if inst.state == "exited":
+            if inst.state is InstanceState.EXITED:
                 return f"instance {inst.id} {inst.describe_exit()} before becoming healthy"
             if not self.running:
                 return "stopping"
@@ -503,7 +505,7 @@ class WorkerPool(Rotation, Service):
         """Out of rotation already: let in-flight requests finish, then stop it."""
         s = self.settings
         reactor = self.ctx.reactor
-        inst.state = "draining"
+        inst.state = InstanceState.DRAINING
 
         async def drain() -> None:
             await task.deferLater(reactor, s.restart_delay_ms / 1000.0, lambda: None)
@@ -536,11 +538,7 @@ class WorkerPool(Rotation, Service):
             return
         self.restarts[reason] = self.restarts.get(reason, 0) + 1
         self.ctx.changed(self, PoolEvent.RESTART)
-        self.deploying = True
-        self._deploy_started = self.ctx.reactor.seconds()
-        d = defer.ensureDeferred(self._rollout(1, [inst], reason))
-        d.addErrback(self._deploy_crashed)
-        d.addBoth(self._deploy_done)
+        self._run_deploy(self._rollout(1, [inst], reason))
 
     # -- exits and crashes -----------------------------------------------------------
     def _exited(self, inst: Instance, reason) -> None:
@@ -556,8 +554,7 @@ class WorkerPool(Rotation, Service):
         self.restarts["crash"] = self.restarts.get("crash", 0) + 1
         self.error = f"instance {inst.id} {inst.describe_exit()}"
         log.warn("{worker}: {error}", worker=self.name, error=self.error)
-        if inst.ready_at is not None and now - inst.ready_at >= STABLE_RUN_SECONDS:
-            self._backoff = 0.0
+        self._backoff.died(None if inst.ready_at is None else now - inst.ready_at)
         self.ctx.changed(self, PoolEvent.CRASH)
         self._restart_later("crash")
 
@@ -565,9 +562,9 @@ class WorkerPool(Rotation, Service):
         if self._restart_call is not None or not self.running:
             return
         s = self.settings
-        low, high = s.restart_backoff_min_ms / 1000.0, s.restart_backoff_max_ms / 1000.0
-        self._backoff = min(high, max(low, self._backoff * 2))
-        delay = self._backoff
+        delay = self._backoff.next(
+            s.restart_backoff_min_ms / 1000.0, s.restart_backoff_max_ms / 1000.0
+        )
         if self.crash_loop:
             log.error(
                 "{worker} is crash-looping; next restart in {delay:.1f}s",
@@ -583,11 +580,7 @@ class WorkerPool(Rotation, Service):
             if self.deploying:
                 self.deploy(why, build=False)
                 return
-            self.deploying = True
-            self._deploy_started = self.ctx.reactor.seconds()
-            d = defer.ensureDeferred(self._rollout(missing, [], why))
-            d.addErrback(self._deploy_crashed)
-            d.addBoth(self._deploy_done)
+            self._run_deploy(self._rollout(missing, [], why))
 
         self._restart_call = self.ctx.reactor.callLater(delay, restart)
 

@@ -14,7 +14,7 @@ import shutil
 
 from twisted.trial import unittest
 
-from .support import Client, stop_twistd, wait_until
+from .support import Client, sleep, stop_twistd, wait_until
 from .test_integration import IntegrationBase, d
 
 
@@ -267,6 +267,48 @@ class StartupFailureTests(FrameworkBase):
             _, body = await client.get(project.url + "/app/")
             return body == b"version 2"
         await wait_until(fixed, 60, "version 2 served", proc)
+
+
+class InstallTests(FrameworkBase):
+    """A failed install is a failed build: the old code keeps serving, dev shows the
+    installer's output. An edit made while an install runs is not lost."""
+
+    def test_failed_install_then_edits_during_an_install(self):
+        return d(self._install())
+
+    async def _install(self):
+        project = self.make_project()
+        project.write("workers/deps/requirements.txt", "# nothing yet\n")
+        project.write("workers/deps/src/main.py", STARTUP_OK % 1)
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["deps"], timeout=300)
+        url = project.url + "/deps/"
+
+        project.write("workers/deps/requirements.txt", "flask==0.0.1\n")  # no such version
+
+        async def failed_page():
+            response, page = await client.get(url)
+            return response.code == 500 and b"Build failed" in page
+        await wait_until(failed_page, 120, "the failed install on the page", proc)
+        _, page = await client.get(url)
+        self.assertIn(b"flask", page)
+        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        deps = status["workers"]["deps"]
+        self.assertEqual((deps["last_build"]["ok"], len(deps["instances"])), (False, 1))
+        self.assertEqual(deps["instances"][0]["id"], "deps#1")  # the old code still runs
+
+        # Fixed, and the code edited while that install runs: both end up served.
+        project.write("workers/deps/requirements.txt", "itsdangerous\n")
+        await sleep(0.2)
+        project.write("workers/deps/src/main.py",
+                      STARTUP_OK.replace("from tqserver", "import itsdangerous\nfrom tqserver")
+                      % 2)
+
+        async def served():
+            _, body = await client.get(url)
+            return body == b"version 2"
+        await wait_until(served, 120, "version 2 (importing itsdangerous)", proc)
 
 
 HONO_PACKAGE = {"name": "hono-app", "private": True, "type": "module",

@@ -492,8 +492,8 @@ class PythonTests(SpecMixin, unittest.TestCase):
                          [[self.uv, "venv", "--clear"], [self.uv, "pip", "install"],
                           [sys.executable, runtimes._HELPER, "stamp"]])
         self.assertEqual(steps[0].argv[3:], ["--python", sys.executable, venv])
-        self.assertEqual(steps[1].argv[3:],
-                         ["--python", os.path.join(venv, "bin", "python"), "-r", req])
+        self.assertEqual(steps[1].argv[3:], ["--compile-bytecode", "--python",
+                                             os.path.join(venv, "bin", "python"), "-r", req])
         self.assertEqual(steps[1].env["UV_PYTHON_DOWNLOADS"], "never")
         self.installed(spec)
         self.assertEqual(self.runtime.build_steps(spec), [])    # unchanged: no install

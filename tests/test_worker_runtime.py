@@ -737,3 +737,100 @@ class WorkerInfoTests(unittest.TestCase):
         self.patch(os, "environ", {"PORT": "80", "WORKER_PATH": "/x"})
         info = worker_info()
         self.assertEqual((info["port"], info["route"], info["name"]), (80, "/x", None))
+
+
+class AsgiDetectionTests(unittest.TestCase):
+    def test_asgi_and_wsgi_apps_are_told_apart(self):
+        from tqserver.worker.asgi import is_asgi
+
+        async def asgi(scope, receive, send):
+            pass
+
+        def wsgi(environ, start_response):
+            pass
+
+        def three(scope, receive, send):  # a sync wrapper returning an awaitable
+            pass
+
+        class AsyncApp:
+            async def __call__(self, scope, receive, send):
+                pass
+
+        class WsgiApp:  # Flask, Django's WSGIHandler
+            def __call__(self, environ, start_response):
+                pass
+
+        def anything(*args):
+            pass
+
+        self.assertEqual([is_asgi(a) for a in (asgi, three, AsyncApp())], [True] * 3)
+        self.assertEqual([is_asgi(a) for a in (wsgi, WsgiApp(), anything, len)], [False] * 4)
+
+
+ASGI_SCRIPT = """
+from tqserver.worker import serve
+
+async def app(scope, receive, send):
+    pass
+
+serve(app)
+"""
+
+APP_MODULE = """
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/health" and environ["QUERY_STRING"] == "own":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"the app's own health"]
+    if environ["PATH_INFO"] == "/health":
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"no such route"]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [("%s|%s" % (environ["SCRIPT_NAME"], environ["PATH_INFO"])).encode()]
+
+def make_app():
+    return app
+"""
+
+
+class AppTargetTests(WorkerTestCase):
+    """`python -m tqserver.worker module:app`, what python.app runs."""
+
+    @defer.inlineCallbacks
+    def test_serve_of_an_asgi_app_without_uvicorn_refuses_at_start(self):
+        try:
+            import uvicorn  # noqa: F401
+            raise unittest.SkipTest("uvicorn is installed here")
+        except ImportError:
+            pass
+        proc, port = self.spawn_python(self.write_script(ASGI_SCRIPT))
+        code = yield proc.ended()
+        self.assertEqual(code, 1)
+        self.assertIn(b"is an ASGI application", proc.err)
+        self.assertIn(b"add uvicorn to the worker's requirements.txt", proc.err)
+
+    @defer.inlineCallbacks
+    def test_wsgi_app_by_name_health_only_when_the_app_has_none(self):
+        script = self.write_script(APP_MODULE, name="shop.py")
+        directory = os.path.dirname(script)
+        for target in ("shop:app", "shop:make_app()"):
+            proc, port = self.spawn([sys.executable, "-m", "tqserver.worker", target],
+                                    {"WORKER_DIR": directory})
+            yield self.wait_healthy(proc, port, "/health")
+            resp, body = yield self.request(port, "/health")
+            self.assertEqual((resp.code, body), (200, b"ok"))        # the app has none
+            resp, body = yield self.request(port, "/health?own")
+            self.assertEqual(body, b"the app's own health")
+            resp, body = yield self.request(port, "/x/y", headers={
+                b"X-Forwarded-Prefix": [b"/shop"]})
+            self.assertEqual(body, b"/shop|/x/y")
+            proc.signal("TERM")
+            self.assertEqual((yield proc.ended()), 0, proc.err)
+
+    @defer.inlineCallbacks
+    def test_a_missing_app_is_one_clear_line(self):
+        script = self.write_script(APP_MODULE, name="shop.py")
+        proc, port = self.spawn([sys.executable, "-m", "tqserver.worker", "shop:nope"],
+                                {"WORKER_DIR": os.path.dirname(script)})
+        code = yield proc.ended()
+        self.assertEqual(code, 1)
+        self.assertIn(b"python.app 'shop:nope': shop has no 'nope'", proc.err)

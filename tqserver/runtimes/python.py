@@ -131,11 +131,10 @@ class PythonRuntime(Runtime):
                 steps.append(
                     BuildStep([uv, "venv", "--clear", "--python", interpreter, venv], d, env)
                 )
-            steps.append(
-                BuildStep(
-                    [uv, "pip", "install", "--python", venv_python, "-r", manifest, *extras], d, env
-                )
-            )
+            # Bytecode compiled at install time, as pip does: the first start after an
+            # install does not compile the dependencies' modules.
+            install = [uv, "pip", "install", "--compile-bytecode", "--python", venv_python]
+            steps.append(BuildStep([*install, "-r", manifest, *extras], d, env))
         else:
             if fresh:
                 steps.append(BuildStep([interpreter, "-m", "venv", "--clear", venv], d))

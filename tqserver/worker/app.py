@@ -28,8 +28,7 @@ def load(target: str):
             obj = getattr(obj, part)
         except AttributeError:
             raise SystemExit(
-                f"tqserver.worker: python.app {target!r}: {module_name} has no {attr!r} "
-                f"(found {obj.__class__.__name__} {part!r} missing)"
+                f"tqserver.worker: python.app {target!r}: {module_name} has no {attr!r}"
             ) from None
     return obj() if call else obj
 

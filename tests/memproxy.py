@@ -207,6 +207,7 @@ class MemoryTransport(StringTransport):
             self,
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+            lenient=True,  # a TCP transport ignores resumeProducing once closing
         )
         self.clock = clock
         self.protocol = protocol

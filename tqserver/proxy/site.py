@@ -28,6 +28,14 @@ log = Logger()
 _HTTPChannel = http.HTTPChannel
 _NO_BODY_CODES = http.NO_BODY_CODES
 _FIELD_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field line: all but HTAB
+# A request target holds RFC 3986 characters (and []{}|\^` that browsers send unescaped in
+# queries); not control or non-ASCII bytes, '"', '<', '>', '#' (no fragment in a request), nor
+# a '%' without two hex digits.
+_TARGET_OUTSIDE_GRAMMAR = re.compile(
+    rb"[^!$&\'()*+,\-./0-9:;=?@A-Z\[\\\]^_`a-z{|}~%]|%(?![0-9A-Fa-f]{2})"
+)
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
+_ABSOLUTE_FORM = re.compile(rb"https?://([^/?#@]+)([/?].*)?", re.IGNORECASE | re.DOTALL)
 
 
 def remove_dot_segments(path: bytes) -> bytes:
@@ -145,13 +153,28 @@ class ProxyRequest(server.Request):
         self.site = self.channel.site
         self._front = self.site.front
         self.method, self.uri, self.clientproto = command, uri, version
-        raw_path = uri.partition(b"?")[0]
-        if raw_path[:1] != b"/":
-            if raw_path.startswith((b"http://", b"https://")):  # absolute-form
-                raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
-            else:
+        if _TARGET_OUTSIDE_GRAMMAR.search(uri) is not None:
+            self.channel.reject(400)  # a byte a lax worker might read another way
+            return
+        hosts = self.requestHeaders.getRawHeaders(b"host")
+        if (
+            (hosts is None and version == b"HTTP/1.1")
+            or (hosts is not None and len(hosts) > 1)
+            or (hosts is not None and _HOST.fullmatch(hosts[0]) is None)
+        ):
+            self.channel.reject(400)  # RFC 9112 3.2: none in 1.1, two, or not a host
+            return
+        if uri[:1] != b"/":
+            absolute = _ABSOLUTE_FORM.fullmatch(uri)
+            if absolute is None or _HOST.fullmatch(absolute.group(1)) is None:
                 self.renderer = error_renderer(400, "The request target must be a path.")
                 return
+            # RFC 9112 3.2.2: the target's authority replaces Host; the worker gets the
+            # origin form.
+            self.requestHeaders.setRawHeaders(b"host", [absolute.group(1)])
+            rest = absolute.group(2) or b"/"
+            uri = self.uri = rest if rest[:1] == b"/" else b"/" + rest
+        raw_path = uri.partition(b"?")[0]
         if b"/." in raw_path or b"%2" in raw_path:
             raw_path = remove_dot_segments(raw_path)
         self.path = raw_path
@@ -218,11 +241,13 @@ class ProxyRequest(server.Request):
         if not self._body_read and self.channel is not None and self.channel.transport:
             self._reading_paused = True
             self.channel.transport.pauseProducing()
+            self.channel.suspend_read_timeout()  # our backpressure is not the client's delay
 
     def resume_reading(self) -> None:
         if self._reading_paused and self.channel is not None:
             self._reading_paused = False
             self.channel.transport.resumeProducing()
+            self.channel.resume_read_timeout()
 
     def finish_when_read(self) -> None:
         """finish(), but only once the whole request body has been read: the channel cannot
@@ -250,7 +275,10 @@ class ProxyChannel(_HTTPChannel):
     ``flush()``, which the Forward calls at the end of each read from the instance; the
     end of the request, a reject and loseConnection flush first, so nothing is reordered."""
 
-    _reading = False  # a request is being read: its read timeout is armed
+    _reading = False  # a request is being read: its read timeout is armed (unless suspended)
+    _read_suspended = False  # we stopped reading its body (the worker is slower)
+    _in_head = False  # between the request line and the end of the head
+    _rejected = False  # reject() answered: nothing more is read or written
     _idle = False  # the idle timeout (TimeoutMixin's) is armed
     _cork: list | None = None
     _host = None
@@ -289,16 +317,18 @@ class ProxyChannel(_HTTPChannel):
         if self._cork is not None:
             if data:
                 self._cork.append(data)
-        else:
+        elif not self._rejected:
             self.transport.write(data)
 
     def writeSequence(self, iovec) -> None:
         if self._cork is not None:
             self._cork.extend(iovec)
-        else:
+        elif not self._rejected:
             self.transport.writeSequence(iovec)
 
     def writeHeaders(self, version, code, reason, headers) -> None:
+        if self._rejected:
+            return  # the connection carries the rejection and nothing after it
         if self._cork is None:
             _HTTPChannel.writeHeaders(self, version, code, reason, headers)
             return
@@ -338,14 +368,45 @@ class ProxyChannel(_HTTPChannel):
         self._idle = False
         self.timeoutConnection()
 
+    # -- the read timeout: the whole head within read_timeout_seconds of its first byte
+    # (slowloris), then the body with no pause from the client longer than that; time the
+    # proxy itself does not read (a slower worker's backpressure) does not count.
+    def _arm_read_timeout(self) -> None:
+        front = self.site.front
+        front.deadlines.set(self._read_timed_out, front.state.config.server.read_timeout_seconds)
+
+    def _end_read_timeout(self) -> None:
+        self._read_suspended = False
+        if self._reading:
+            self._reading = False
+            self.site.front.deadlines.cancel(self._read_timed_out)
+
+    def suspend_read_timeout(self) -> None:
+        if self._reading and not self._read_suspended:
+            self._read_suspended = True
+            self.site.front.deadlines.cancel(self._read_timed_out)
+
+    def resume_read_timeout(self) -> None:
+        if self._read_suspended:
+            self._read_suspended = False
+            if self._reading:
+                self._arm_read_timeout()
+
     def lineReceived(self, line: bytes) -> None:
+        if self._rejected:
+            return
         if not self._reading and line:
-            front = self.site.front
             self._reading = True
-            front.deadlines.set(
-                self._read_timed_out, front.state.config.server.read_timeout_seconds
-            )
+            self._in_head = True
+            self._arm_read_timeout()
         return _HTTPChannel.lineReceived(self, line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        if self._reading and not self._read_suspended:
+            self._arm_read_timeout()  # the client is sending its body: it is not idle
+        _HTTPChannel.rawDataReceived(self, data)
 
     def headerReceived(self, line: bytes) -> bool:
         # A field line with a control character (RFC 9110 5.5) is refused whatever the
@@ -357,8 +418,13 @@ class ProxyChannel(_HTTPChannel):
         return _HTTPChannel.headerReceived(self, line)
 
     def allHeadersReceived(self) -> None:
+        self._in_head = False
         req = self.requests[-1]
         req.head_received(self._command, self._path, self._version)
+        if self._rejected:
+            return
+        if self._reading and not self._read_suspended:
+            self._arm_read_timeout()  # from here on: the body, timed on the client's pauses
         _HTTPChannel.allHeadersReceived(self)
 
     def _finishRequestBody(self, data: bytes) -> None:
@@ -369,9 +435,9 @@ class ProxyChannel(_HTTPChannel):
         self.allContentReceived()
 
     def allContentReceived(self) -> None:
-        if self._reading:
-            self._reading = False
-            self.site.front.deadlines.cancel(self._read_timed_out)
+        self._end_read_timeout()
+        if self._rejected:
+            return  # answered already: the body's end must not start its request
         _HTTPChannel.allContentReceived(self)
 
     def _read_timed_out(self) -> None:
@@ -380,7 +446,8 @@ class ProxyChannel(_HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # One line longer than MAX_LENGTH: LineReceiver would just drop the connection.
-        self.reject(431 if self.requests else 400)
+        # The request line itself is a 414 (RFC 9112 3), a header line a 431.
+        self.reject(431 if self._in_head else 414)
 
     def checkPersistence(self, request, version: bytes) -> bool:
         # HTTPChannel splits Connection on spaces only: "close, te" would keep it open.
@@ -400,23 +467,55 @@ class ProxyChannel(_HTTPChannel):
         self.reject(431 if too_big else 400)
 
     def reject(self, status: int) -> None:
-        """A minimal response for a request we will not read further; closes the connection."""
-        if self.transport is None or getattr(self.transport, "disconnecting", False):
+        """A minimal response for a request we will not read further; closes the connection.
+        Nothing is read or written on it afterwards (a body that ends later, a worker's late
+        answer): the rejection is the last response. When the response to this request has
+        already begun, a status cannot be sent any more: the connection is cut."""
+        if (
+            self._rejected
+            or self.transport is None
+            or getattr(self.transport, "disconnecting", False)
+        ):
             return
         self.flush()
+        self._rejected = True
+        self._in_head = False
+        self._end_read_timeout()
+        request = self.requests[-1] if self.requests else None
+        if request is not None and request.startedWriting:
+            self.transport.abortConnection()
+            return
         reason = pages.REASONS.get(status, "Error").encode()
         body = b"%d %s\n" % (status, reason)
+        if request is not None:
+            self._fill_request_line(request)
+        sent = b"" if request is not None and request.method == b"HEAD" else body
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d"
-            b"\r\nConnection: close\r\n\r\n%s" % (status, reason, len(body), body)
+            b"\r\nConnection: close\r\n\r\n%s" % (status, reason, len(body), sent)
         )
         self.transport.loseConnection()
+        self._log_rejection(request, status, len(sent))
+
+    def _fill_request_line(self, request) -> None:
+        """Method, target and version on a request rejected before its head was complete:
+        what its request line said, or '-'."""
+        for name, parsed in (("method", "_command"), ("uri", "_path"), ("clientproto", "_version")):
+            if name not in vars(request):
+                setattr(request, name, getattr(self, parsed, None) or b"-")
+
+    def _log_rejection(self, request, status: int, size: int) -> None:
+        """The access log line and metrics of a rejected request, as for any other."""
+        if request is None:
+            request = self.site.requestFactory(self, len(self.requests))
+            self._fill_request_line(request)
+        request.code = status
+        request.sentLength = size
+        self.site.log(request)
 
     def connectionLost(self, reason) -> None:
         self._cork = None
-        if self._reading:
-            self._reading = False
-            self.site.front.deadlines.cancel(self._read_timed_out)
+        self._end_read_timeout()
         _HTTPChannel.connectionLost(self, reason)  # setTimeout(None): the idle timeout
 
 

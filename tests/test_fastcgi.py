@@ -236,7 +236,6 @@ class Sink(client.FastCGISink):
         self.stderr: List[bytes] = []
         self.done = False
         self.failure: Optional[Failure] = None
-        self.retryable = None
 
     def upstream_response(self, code, reason, headers) -> None:
         self.response = (code, reason, headers)
@@ -250,8 +249,8 @@ class Sink(client.FastCGISink):
     def upstream_done(self) -> None:
         self.done = True
 
-    def upstream_failed(self, reason, retryable) -> None:
-        self.failure, self.retryable = reason, retryable
+    def upstream_failed(self, reason) -> None:
+        self.failure = reason
 
 
 class FakePool:
@@ -360,13 +359,12 @@ class ConnectionTests(unittest.TestCase):
         self.assertTrue(sink.done)
         self.assertEqual(self.pool.released, [])
 
-    def test_broken_head_fails_not_retryable(self):
+    def test_broken_head_fails(self):
         conn = self.connect()
         sink = Sink()
         conn.send(encode_params([]), sink, False, False)
         conn.dataReceived(record(STDOUT, b"garbage without colon\r\n\r\n"))
         self.assertIsInstance(sink.failure.value, FastCGIError)
-        self.assertFalse(sink.retryable)
         self.assertTrue(self.transport.aborted)
 
     def test_end_before_any_head_fails(self):
@@ -401,23 +399,15 @@ class ConnectionTests(unittest.TestCase):
                           + record(STDOUT, b"X: 1\r\n\r\nok") + end_request())
         self.assertTrue(sink.done)
 
-    def test_lost_on_a_reused_connection_before_any_byte_is_retryable(self):
-        conn = self.connect()
-        conn.reused = True
-        sink = Sink()
-        conn.send(encode_params([]), sink, False, False)
-        conn.connectionLost(LOST)
-        self.assertTrue(sink.retryable)
-        self.assertEqual(self.pool.forgotten, [conn])
-
-    def test_lost_after_bytes_is_not_retryable(self):
-        conn = self.connect()
-        conn.reused = True
-        sink = Sink()
-        conn.send(encode_params([]), sink, False, False)
-        conn.dataReceived(record(STDOUT, b"X: 1\r\n"))
-        conn.connectionLost(LOST)
-        self.assertFalse(sink.retryable)
+    def test_lost_before_the_end_fails(self):
+        for first in (b"", record(STDOUT, b"X: 1\r\n")):
+            conn = self.connect()
+            sink = Sink()
+            conn.send(encode_params([]), sink, False, False)
+            conn.dataReceived(first)
+            conn.connectionLost(LOST)
+            self.assertIsInstance(sink.failure.value, error.ConnectionLost)
+            self.assertIn(conn, self.pool.forgotten)
 
     def test_producer_calls_reach_the_transport(self):
         conn = self.connect()
@@ -464,7 +454,6 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(len(self.reactor.tcpClients), 2)   # no third connection
         self.pool.release(first)
         self.assertIs(got[2], first)
-        self.assertTrue(first.reused)
         self.assertEqual(self.pool.open_count(9000), 2)
 
     def test_idle_reused_lifo_then_expires(self):
@@ -517,7 +506,7 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(len(self.reactor.tcpClients), 2)
         new = self.connect_pending()
         self.assertIs(got[-1], new)
-        self.assertFalse(new.reused)
+        self.assertIsNot(new, old)
         old.connectionLost(LOST)
         self.assertEqual(self.pool.open_count(9000), 1)
 
@@ -534,7 +523,6 @@ class PoolTests(unittest.TestCase):
         busy.connectionLost(LOST)
         self.pool.release(new)
         self.assertIs(got[2], new)          # a plain waiter takes the kept one
-        self.assertTrue(new.reused)
 
     def test_cancelled_waiter_leaves_the_queue(self):
         self.pool.acquire(9000, limit=1)
@@ -692,7 +680,6 @@ class RealPhpFpmTests(unittest.TestCase):
             pids.append(json.loads(response.body)["pid"])
             yield defer.ensureDeferred(_sleep(0))   # done fires just before the release
         self.assertIs(conns[0], conns[1])
-        self.assertTrue(conns[1].reused)
         self.assertEqual(pids[0], pids[1])            # the same php-fpm child served both
         self.assertEqual(self.pool.open_count(port), 1)
         self.assertEqual(self.pool.idle_count(port), 1)

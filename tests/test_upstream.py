@@ -69,7 +69,6 @@ class Sink(UpstreamSink):
         self.chunks: List[bytes] = []
         self.response = None
         self.failure: Optional[Failure] = None
-        self.retryable: Optional[bool] = None
         self.upgraded = None
 
     def upstream_response(self, code, reason, headers) -> None:
@@ -83,9 +82,9 @@ class Sink(UpstreamSink):
     def upstream_done(self) -> None:
         self.events.append("done")
 
-    def upstream_failed(self, reason, retryable) -> None:
+    def upstream_failed(self, reason) -> None:
         self.events.append("failed")
-        self.failure, self.retryable = reason, retryable
+        self.failure = reason
 
     def upstream_upgraded(self, conn, rest) -> None:
         self.events.append("upgraded")
@@ -111,17 +110,16 @@ HEAD = b"GET /x HTTP/1.1\r\nHost: w\r\n\r\n"
 
 class ConnectionTestCase(unittest.TestCase):
 
-    def connect(self, reused: bool = False):
+    def connect(self):
         self.pool = FakePool()
         self.conn = UpstreamConnection(self.pool, 9001)
         self.transport = Transport()
         self.conn.makeConnection(self.transport)
-        self.conn.reused = reused
         return self.conn
 
     def request(self, head: bytes = HEAD, head_request: bool = False, has_body: bool = False,
-                chunked: bool = False, reused: bool = False) -> Sink:
-        self.connect(reused)
+                chunked: bool = False) -> Sink:
+        self.connect()
         sink = Sink()
         self.conn.send(head, sink, head_request, has_body, chunked)
         return sink
@@ -187,7 +185,6 @@ class ConnectTests(ConnectionTestCase):
         fired = []
         conn.connected_d.addCallback(fired.append)
         self.assertEqual(fired, [conn])
-        self.assertFalse(conn.reused)
         self.assertFalse(conn.closed)
 
 
@@ -276,14 +273,12 @@ class ContentLengthTests(ConnectionTestCase):
             sink = self.request()
             self.feed(b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\n\r\nxyz")
             self.assertEqual(sink.ended(), ["failed"], value)
-            self.assertIs(sink.retryable, False)
             self.assertDropped()
 
     def test_conflicting_content_length(self) -> None:
         sink = self.request()
         self.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nxyz")
         self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, False)
         self.assertIsInstance(sink.failure.value, UpstreamError)
         self.assertDropped()
 
@@ -348,7 +343,6 @@ class ChunkedTests(ConnectionTestCase):
             sink = self.request()
             self.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size + b"\r\nabc")
             self.assertEqual(sink.ended(), ["failed"], size)
-            self.assertIs(sink.retryable, False)
             self.assertIsInstance(sink.failure.value, UpstreamError)
             self.assertDropped()
 
@@ -356,14 +350,12 @@ class ChunkedTests(ConnectionTestCase):
         sink = self.request()
         self.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 2000)
         self.assertEqual(sink.ended(), ["failed"])
-        self.assertIs(sink.retryable, False)
 
     def test_missing_crlf_after_chunk(self) -> None:
         sink = self.request()
         self.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n")
         self.assertEqual(sink.body, b"abc")
         self.assertEqual(sink.ended(), ["failed"])
-        self.assertIs(sink.retryable, False)
         self.assertDropped()
 
     def test_lost_mid_chunk(self) -> None:
@@ -371,7 +363,6 @@ class ChunkedTests(ConnectionTestCase):
         self.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc")
         self.conn.connectionLost(LOST)
         self.assertEqual(sink.ended(), ["failed"])
-        self.assertIs(sink.retryable, False)
         self.assertEqual(self.pool.forgotten, [self.conn])
 
 
@@ -506,8 +497,8 @@ class UpgradeTests(ConnectionTestCase):
 
 class KeepAliveTests(ConnectionTestCase):
 
-    def respond(self, head: bytes, reused: bool = False) -> Sink:
-        sink = self.request(reused=reused)
+    def respond(self, head: bytes) -> Sink:
+        sink = self.request()
         self.feed(head + b"\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(sink.ended(), ["done"])
         return sink
@@ -551,22 +542,19 @@ class FailureTests(ConnectionTestCase):
         sink = self.request()
         self.feed(b"HTTP/1.1 OK 200\r\n\r\n")
         self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, False)
         self.assertIsInstance(sink.failure.value, UpstreamError)
         self.assertDropped()
 
     def test_not_http(self) -> None:
-        sink = self.request(reused=True)
+        sink = self.request()
         self.feed(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
         self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, False)   # bytes came back: never resent
         self.assertDropped()
 
     def test_malformed_header(self) -> None:
         sink = self.request()
         self.feed(b"HTTP/1.1 200 OK\r\nGood: yes\r\nBad header\r\n\r\n")
         self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, False)
         self.assertDropped()
 
     def test_head_too_large(self) -> None:
@@ -577,7 +565,6 @@ class FailureTests(ConnectionTestCase):
             if sink.events:
                 break
         self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, False)
         self.assertDropped()
 
     def test_failure_reported_once(self) -> None:
@@ -592,45 +579,21 @@ class FailureTests(ConnectionTestCase):
         self.conn.connectionLost(LOST)
         self.assertEqual(sink.body, b"abc")
         self.assertEqual(sink.ended(), ["failed"])
-        self.assertIs(sink.retryable, False)
         self.assertTrue(sink.failure.check(error.ConnectionLost))
         self.assertEqual(self.pool.released, [])
         self.assertEqual(self.pool.forgotten, [self.conn])
         self.assertTrue(self.conn.closed)
 
     def test_lost_mid_body_on_reused_connection(self) -> None:
-        sink = self.request(reused=True)
+        sink = self.request()
         self.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
         self.conn.connectionLost(LOST)
-        self.assertIs(sink.retryable, False)
 
     def test_lost_mid_head(self) -> None:
-        sink = self.request(reused=True)
+        sink = self.request()
         self.feed(b"HTTP/1.1 200 O")
         self.conn.connectionLost(LOST)
         self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, False)
-
-    def test_reused_idle_connection_closed_before_any_byte(self) -> None:
-        sink = self.request(reused=True)
-        self.conn.connectionLost(DONE)
-        self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, True)
-
-    def test_fresh_connection_closed_before_any_byte(self) -> None:
-        sink = self.request(reused=False)
-        self.conn.connectionLost(DONE)
-        self.assertEqual(sink.events, ["failed"])
-        self.assertIs(sink.retryable, False)
-
-    def test_retryable_is_per_request(self) -> None:
-        """Bytes of an earlier response on the same connection do not count."""
-        self.request(reused=True)
-        self.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        sink = Sink()
-        self.conn.send(HEAD, sink, False, False, False)
-        self.conn.connectionLost(DONE)
-        self.assertIs(sink.retryable, True)
 
     def test_idle_connection_lost_quietly(self) -> None:
         self.request()
@@ -759,7 +722,6 @@ class PoolTests(unittest.TestCase):
         conn = got[0]
         self.assertIsInstance(conn, UpstreamConnection)
         self.assertEqual(conn.port, 9005)
-        self.assertFalse(conn.reused)
         self.assertIs(conn.pool, self.pool)
 
     def test_acquire_failure(self) -> None:
@@ -781,7 +743,6 @@ class PoolTests(unittest.TestCase):
         self.pool.acquire(9001).addCallback(got.append)
         self.pool.acquire(9001).addCallback(got.append)
         self.assertEqual(got, [b, a])
-        self.assertTrue(a.reused and b.reused)
         self.assertEqual(self.reactor.tcpClients, [])
         self.assertEqual(self.pool.idle_count(9001), 0)
         self.pool.acquire(9001)

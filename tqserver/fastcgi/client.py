@@ -52,7 +52,6 @@ class FastCGIConnection(ConnectionControl, protocol.Protocol):
         self.keep_conn = keep_conn
         self.sink: FastCGISink | None = None
         self.connected_d: defer.Deferred = defer.Deferred()
-        self.reused = False
         self.closed = False
         self.idle_call = None
         self._reader = RecordReader()
@@ -60,7 +59,6 @@ class FastCGIConnection(ConnectionControl, protocol.Protocol):
         self._head = b""
         self._no_body = False
         self._body_done = True
-        self._got_bytes = False
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -84,7 +82,6 @@ class FastCGIConnection(ConnectionControl, protocol.Protocol):
         self._head = b""
         self._no_body = head_request
         self._body_done = not has_body
-        self._got_bytes = False
         out = [begin_request(self.keep_conn)] + list(params)
         if not has_body:
             out += encode_records(STDIN, b"")
@@ -111,7 +108,6 @@ class FastCGIConnection(ConnectionControl, protocol.Protocol):
 
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        self._got_bytes = True
         try:
             records = self._reader.feed(data)
             for i, (rtype, request_id, content) in enumerate(records):
@@ -131,7 +127,7 @@ class FastCGIConnection(ConnectionControl, protocol.Protocol):
                     self._end_request(content, reusable=last)
                     return
         except FastCGIError as e:
-            self._fail(Failure(e), retryable=False)
+            self._fail(Failure(e))
 
     def _stdout(self, content: bytes) -> None:
         if self._state == _BODY:
@@ -190,8 +186,7 @@ class FastCGIConnection(ConnectionControl, protocol.Protocol):
             self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is not None:
-            # Nothing came back on a reused connection: the server had closed it as idle.
-            sink.upstream_failed(reason, self.reused and not self._got_bytes)
+            sink.upstream_failed(reason)
 
 
 # -- the pool ----------------------------------------------------------------------------
@@ -272,7 +267,6 @@ class FastCGIPool(Service):
             if conn.closed:
                 continue
             if not fresh:
-                conn.reused = True
                 return defer.succeed(conn)
             conn.close()  # its php-fpm child is free again for the new connection
             return self._connect(port, slot)
@@ -311,7 +305,6 @@ class FastCGIPool(Service):
                 conn.close()
                 self._connect(conn.port, slot).chainDeferred(waiter)
             else:
-                conn.reused = True
                 waiter.callback(conn)
             return
         if self._stopped:
@@ -403,7 +396,7 @@ class Response(FastCGISink):
     def upstream_done(self) -> None:
         self.done.callback(self)
 
-    def upstream_failed(self, reason: Failure, retryable: bool) -> None:
+    def upstream_failed(self, reason: Failure) -> None:
         self.done.errback(reason)
 
 

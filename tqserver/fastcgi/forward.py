@@ -18,7 +18,7 @@ from tqserver.fastcgi.client import FastCGIPool
 from tqserver.fastcgi.codec import FastCGIError, encode_params
 from tqserver.proxy import static
 from tqserver.proxy.errors import send_error
-from tqserver.proxy.forward import Forward
+from tqserver.proxy.forward import IDEMPOTENT, Forward
 from tqserver.proxy.headers import _FORWARDED, HOP_BY_HOP, connection_tokens
 from tqserver.proxy.router import strip_prefix
 from tqserver.runtimes.php import connection_limit
@@ -125,10 +125,11 @@ class FastCGIForward(Forward):
 
     def _acquire(self, inst) -> defer.Deferred:
         limit, keep_conn = connection_limit(self.pool.spec.config.php.pool)
-        # A body streams through once and cannot be resent: never on a kept connection
+        # A request that is never sent twice (a body streams through once; a method that
+        # is not idempotent: see Forward._may_send_again) never goes on a kept connection
         # php-fpm may be closing (see FastCGIPool). A retry (the kept connection was closed
         # by a recycled php-fpm child) takes a fresh one too: other kept ones may be as stale.
-        fresh = self.has_body or self.attempts > 1
+        fresh = self.has_body or self.attempts > 1 or self.request.method not in IDEMPOTENT
         d = self.connections.acquire(inst.port, limit, keep_conn, fresh=fresh)
         if not d.called:
             # Waiting for a connection while every one is busy counts as waiting for an
@@ -182,9 +183,9 @@ class FastCGIForward(Forward):
         self._flush_stderr()
         Forward.upstream_done(self)
 
-    def upstream_failed(self, reason, retryable: bool) -> None:
+    def upstream_failed(self, reason) -> None:
         self._flush_stderr()
-        Forward.upstream_failed(self, reason, retryable)
+        Forward.upstream_failed(self, reason)
 
 
 def forwarding(connections: FastCGIPool):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # connection attempts; a refused one provably never reached the worker
+# RFC 9110 9.2.2: sending one of these twice has the effect of sending it once.
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
 
 class Forward(UpstreamSink):
@@ -41,6 +44,7 @@ class Forward(UpstreamSink):
         self.instance_id: str | None = None
         self.conn: UpstreamConnection | None = None
         self.attempts = 0
+        self.resent = False  # sent once more after an exchange that broke (_may_send_again)
         self.tried = set()
         self.pending_body: list = []
         self.body_complete = False
@@ -84,7 +88,8 @@ class Forward(UpstreamSink):
         self.instance_id = inst.id
         self.attempts += 1
         inst.request_started()
-        conn = self._idle_connection(inst)
+        # Sent again: on a fresh connection (the instance's kept ones may be as dead).
+        conn = None if self.resent else self._idle_connection(inst)
         if conn is not None:  # the usual case: no Deferred, no pause
             self._connected(conn)
             return
@@ -283,19 +288,14 @@ class Forward(UpstreamSink):
         request.finish_when_read()
         self.upstream_flush()
 
-    def upstream_failed(self, reason: Failure, retryable: bool) -> None:
-        conn, self.conn = self.conn, None
+    def upstream_failed(self, reason: Failure) -> None:
+        self.conn = None
         if self.done:
             return
         inst = self.instance
         self._finish_instance()
-        if (
-            retryable
-            and self.attempts < MAX_ATTEMPTS
-            and not self.response_started
-            and not self.has_body
-        ):
-            # A pooled connection the instance had already closed: try a fresh one.
+        if self._may_send_again(reason):
+            self.resent = True
             self._connect()
             return
         self._end()
@@ -318,6 +318,23 @@ class Forward(UpstreamSink):
             why=why,
         )
         self._bad_gateway(f"the worker closed the connection ({why})")
+
+    def _may_send_again(self, reason: Failure) -> bool:
+        """After the request went out, the connection was lost with nothing relayed to the
+        client: send it once more (to the least busy instance, on a fresh connection) only
+        if its method is idempotent (RFC 9110 9.2.2) and it has no body (a streamed body is
+        not kept). The worker may have acted on it already — the instance died, or closed
+        a kept connection just as the request arrived — and a POST, PATCH or unknown method
+        must never run twice: those get a 502, as does an invalid response (the worker did
+        answer). A request that never reached an instance (the connection was refused) is
+        retried whatever its method: see _connect_failed."""
+        return (
+            reason.check(ConnectionDone, ConnectionLost) is not None
+            and not self.resent
+            and not self.response_started
+            and not self.has_body
+            and self.request.method in IDEMPOTENT
+        )
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         from tqserver.proxy.splice import splice_upgrade

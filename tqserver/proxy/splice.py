@@ -27,7 +27,7 @@ class _Pipe:
         self.client.loseConnection()
         self.done()
 
-    def upstream_failed(self, reason, retryable: bool) -> None:
+    def upstream_failed(self, reason) -> None:
         self.upstream_done()
 
 

@@ -36,7 +36,10 @@ class UpstreamSink:
     def upstream_response(self, code: int, reason: bytes, headers: Headers) -> None: ...
     def upstream_data(self, data: bytes) -> None: ...
     def upstream_done(self) -> None: ...
-    def upstream_failed(self, reason: Failure, retryable: bool) -> None: ...
+    def upstream_failed(self, reason: Failure) -> None:
+        """The exchange broke before the response was complete (whether the request may be
+        sent again is the sink's to decide: see Forward.upstream_failed)."""
+
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
     def upstream_flush(self) -> None:
         """The end of one read from the instance: what it relayed may go out now."""
@@ -73,12 +76,12 @@ class ConnectionControl:
             self.closed = True
             self.transport.abortConnection()
 
-    def _fail(self, reason: Failure, retryable: bool) -> None:
+    def _fail(self, reason: Failure) -> None:
         """The exchange broke: drop the connection and tell the sink."""
         sink, self.sink = self.sink, None
         self.abort()
         if sink is not None:
-            sink.upstream_failed(reason, retryable)
+            sink.upstream_failed(reason)
 
 
 class UpstreamConnection(ConnectionControl, protocol.Protocol):
@@ -91,7 +94,6 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         self.port = port
         self.sink: UpstreamSink | None = None
         self.connected_d: defer.Deferred = defer.Deferred()
-        self.reused = False
         self.closed = False
         self._state = _IDLE
         self._buf = b""
@@ -100,7 +102,6 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         self._keep_alive = False
         self._chunked_request = False
         self._body_done = True
-        self._got_bytes = False
 
     # -- sending ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -116,7 +117,6 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         self._no_body = head_request
         self._body_done = not has_body
         self._chunked_request = chunked
-        self._got_bytes = False
         write_now(self.transport, head)
 
     def write_body(self, data: bytes) -> None:
@@ -139,7 +139,6 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         sink = self.sink
-        self._got_bytes = True
         state = self._state
         if state == _LENGTH and not self._buf:  # the hot path: body bytes of known length
             n = len(data)
@@ -159,7 +158,7 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         try:
             self._parse()
         except UpstreamError as e:
-            self._fail(Failure(e), retryable=False)
+            self._fail(Failure(e))
         if sink is not None:
             # The end of one read: what the sink relayed of it may leave in one send.
             sink.upstream_flush()
@@ -299,9 +298,7 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
             self._state = _IDLE
             sink.upstream_done()
         else:
-            # Nothing came back on a reused connection: the instance had closed it as idle.
-            retryable = self.reused and not self._got_bytes
-            sink.upstream_failed(reason, retryable)
+            sink.upstream_failed(reason)
 
 
 class _Factory(protocol.Factory):
@@ -332,7 +329,6 @@ class UpstreamPool(Service):
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                conn.reused = True
                 return conn
         return None
 

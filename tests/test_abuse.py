@@ -242,14 +242,21 @@ class BigStreamTests(ProxyTestCase):
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
-    @defer.inlineCallbacks
     def test_upload(self):
+        return self.upload(b"close")
+
+    def test_upload_naming_content_length_in_connection(self):
+        # Connection: Content-Length dropped the length: the proxy held the whole body.
+        return self.upload(b"close, Content-Length")
+
+    @defer.inlineCallbacks
+    def upload(self, connection: bytes):
         port = self.listen(_Sink)
         self.start_proxy(FakePool("w", "/", [FakeInstance(port, "w#1")]), mode="prod")
         client = yield self.connect()
         rss = psutil.Process().memory_info().rss
-        client.transport.write(b"POST /up HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
-                               b"Content-Length: %d\r\n\r\n" % self.SIZE)
+        client.transport.write(b"POST /up HTTP/1.1\r\nHost: h\r\nConnection: %s\r\n"
+                               b"Content-Length: %d\r\n\r\n" % (connection, self.SIZE))
         block = b"u" * (1 << 20)
         sent = [0]
 

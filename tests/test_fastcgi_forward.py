@@ -143,6 +143,18 @@ class RoutingTests(PhpProxyTestCase):
         self.assertEqual(data["server"]["SCRIPT_NAME"], "/blog/admin/index.php")
 
     @defer.inlineCallbacks
+    def test_connection_cannot_name_host_or_the_length(self):
+        # HTTP_HOST was dropped when Connection named it.
+        raw = yield self.raw(b"POST /blog/info.php HTTP/1.1\r\nHost: shop.example\r\n"
+                             b"Content-Length: 3\r\nContent-Type: text/plain\r\n"
+                             b"Connection: close, Host, Content-Length\r\n\r\nabc")
+        code, headers, body = parse_response(raw)
+        self.assertEqual(code, 200, body)
+        data = json.loads(body)
+        self.assertEqual(data["server"]["HTTP_HOST"], "shop.example")
+        self.assertEqual((data["server"]["CONTENT_LENGTH"], data["length"]), ("3", 3))
+
+    @defer.inlineCallbacks
     def test_request_environment(self):
         raw = yield self.raw(b"GET /blog/info.php HTTP/1.1\r\nHost: shop.example:8080\r\n"
                              b"Proxy: http://evil.example:3128\r\nX-Custom: yes\r\n"

@@ -192,6 +192,25 @@ class RequestSmugglingTests(ProxyTestCase):
         return self.assertForwarded(b"GET /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"
                                     b"abcde", b"abcde")
 
+    def test_connection_naming_content_length(self):
+        # The proxy dropped the named Content-Length: the worker got the POST without a
+        # length (and an empty body) while the proxy kept the whole body in memory.
+        return self.assertForwarded(b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: Content-Length"
+                                    b"\r\nContent-Length: 5\r\n\r\nabcde", b"abcde")
+
+    def test_connection_naming_transfer_encoding(self):
+        return self.assertForwarded(b"POST /x HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, "
+                                    b"Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"5\r\nabcde\r\n0\r\n\r\n", b"abcde")
+
+    @defer.inlineCallbacks
+    def test_connection_naming_host(self):
+        yield self.assertForwarded(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: host, x-gone\r\n"
+                                   b"X-Gone: 1\r\n\r\n", b"")
+        _, fields, _ = self.worker.requests[0]
+        self.assertEqual([v for n, v in fields if n == b"host"], [b"h"])
+        self.assertNotIn(b"x-gone", [n for n, _ in fields])  # other named fields still go
+
     def test_http10_chunked(self):
         return self.assertForwarded(b"POST /x HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",

@@ -19,7 +19,7 @@ from tqserver.fastcgi.codec import FastCGIError, encode_params
 from tqserver.proxy import static
 from tqserver.proxy.errors import send_error
 from tqserver.proxy.forward import IDEMPOTENT, Forward
-from tqserver.proxy.headers import _FORWARDED, HOP_BY_HOP, connection_tokens
+from tqserver.proxy.headers import _FORWARDED, HOP_BY_HOP, named_in_connection
 from tqserver.proxy.router import strip_prefix
 from tqserver.runtimes.php import connection_limit
 
@@ -113,7 +113,7 @@ class FastCGIForward(Forward):
     def _not_passed(self) -> frozenset:
         """Request headers that never become HTTP_* params: hop-by-hop ones (Proxy among
         them: no HTTP_PROXY), those named in Connection, and the client's X-Forwarded-*."""
-        tokens = connection_tokens(self.request.requestHeaders.getRawHeaders(b"connection", ()))
+        tokens = named_in_connection(self.request.requestHeaders.getRawHeaders(b"connection", ()))
         return HOP_BY_HOP | _FORWARDED | tokens
 
     def _refuse(self, status: int, detail: str) -> None:

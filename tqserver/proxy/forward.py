@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from tqserver.proxy.errors import send_error
-from tqserver.proxy.headers import _NOT_RELAYED, HOP_BY_HOP, connection_tokens
+from tqserver.proxy.headers import _NOT_RELAYED, HOP_BY_HOP, named_in_connection
 from tqserver.proxy.upstream import UpstreamConnection, UpstreamSink
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ class Forward(UpstreamSink):
         request.setResponseCode(code, reason or None)
         out = request.responseHeaders
         named = (
-            connection_tokens(v for n, v in headers if n.lower() == b"connection")
+            named_in_connection(v for n, v in headers if n.lower() == b"connection")
             if code != 101
             else ()
         )
@@ -386,7 +386,7 @@ class Forward(UpstreamSink):
         named: frozenset[bytes] | tuple = ()
         connection = headers.getRawHeaders(b"connection")
         if connection:
-            named = connection_tokens(connection)
+            named = named_in_connection(connection)
         has_body = False
         chunked = False
         upgrade = b"upgrade" in named and headers.hasHeader(b"upgrade")

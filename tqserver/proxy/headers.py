@@ -46,6 +46,18 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     )
 
 
+# What Connection may never take out of a message: its framing and Host. A sender names
+# only hop-by-hop fields there (RFC 9110 7.6.1); dropping "Connection: Content-Length" from a
+# request forwarded its body with no length (the proxy then held all of it in memory).
+_NEVER_NAMED = frozenset([b"content-length", b"transfer-encoding", b"host"])
+
+
+def named_in_connection(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The fields a message's Connection values make hop-by-hop (not forwarded): its
+    tokens, less the framing fields and Host, which are never removed."""
+    return connection_tokens(values) - _NEVER_NAMED
+
+
 _SANE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 

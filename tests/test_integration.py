@@ -281,17 +281,23 @@ class SelfReloadTests(IntegrationBase):
         await self.wait_healthy(client, project, proc, ["app"], timeout=60)
         self.assertEqual(proc.text.count("TQServer starting"), 1)
 
-        async def restarted():
+        async def noticed():
             # hupper learns the module list a moment after start and misses an edit made
-            # before that; so edit, give the restart a few seconds, edit again if needed
+            # before that; so edit, and edit again only while hupper has not noticed one
+            # (an edit after it noticed would restart the new supervisor again, before it
+            # logs that it is starting).
             with open(os.path.join(code_copy, "tqserver", "proxy", "pages.py"), "a") as f:
                 f.write("\n# edited by the test\n")
             for _ in range(50):
-                if proc.text.count("TQServer starting") >= 2:
+                if "changed; reloading" in proc.text:
                     return True
                 await sleep(0.1)
             return False
-        await wait_until(restarted, 30, "the supervisor to restart", proc)
+        await wait_until(noticed, 30, "hupper to notice the edit", proc)
+
+        async def restarted():
+            return proc.text.count("TQServer starting") >= 2
+        await wait_until(restarted, 60, "the supervisor to restart", proc)
         await self.wait_healthy(client, project, proc, ["app"], timeout=60)
         self.assertEqual(len(processes_of(project.root)), 1)   # the old worker was stopped
         self.assertEqual(await stop_twistd(proc), 0)

@@ -64,6 +64,8 @@ class ServerDefaultsTests(unittest.TestCase):
                          (True, "/metrics", False))
         self.assertEqual(c.health.path, "/health")
         self.assertEqual((c.admin.path, c.admin.token), ("/_tqserver", ""))
+        self.assertIn("*~", c.static.deny)
+        self.assertIn("*.bak", c.static.deny)
         self.assertEqual(c.source, "")
 
 
@@ -123,8 +125,10 @@ class LoadServerTests(_FileMixin, unittest.TestCase):
             workers: {port_range_start: 10000, port_range_end: 10010}
             metrics: {public: true}
             admin: {token: s3cret}
+            static: {deny: ["*.log", "*.sql"]}
             """))
         self.assertEqual(warnings, [])
+        self.assertEqual(config.static.deny, ("*.log", "*.sql"))
         s = config.server
         self.assertEqual((s.port, s.read_timeout_seconds, s.idle_timeout_seconds),
                          (8081, 2.5, 5.0))

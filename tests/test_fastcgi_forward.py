@@ -60,6 +60,13 @@ FILES = {
     "redirect.php": "<?php\nheader('Location: /blog/info.php');\n",
     "style.css": "body { color: plum }\n",
     "exit.php": "<?php\nposix_kill(getmypid(), 9);\n",
+    # copies of a script an editor or a deploy leaves behind, and PHP under another name
+    "index.php~": INFO_PHP,
+    "index.php.bak": INFO_PHP,
+    "#index.php#": INFO_PHP,
+    "index.php.swp": INFO_PHP,
+    "config.inc": "<?php $password = 'file_get_contents';\n",
+    "notes.txt": "plain text\n",
 }
 
 
@@ -141,6 +148,17 @@ class RoutingTests(PhpProxyTestCase):
         self.assertEqual(data["server"]["DOCUMENT_URI"], "/blog/index.php/posts/7")
         data = yield self.info("/blog/admin/")
         self.assertEqual(data["server"]["SCRIPT_NAME"], "/blog/admin/index.php")
+
+    @defer.inlineCallbacks
+    def test_php_source_never_served_under_another_name(self):
+        # public/index.php~, index.php.bak... came back as text with the PHP source.
+        for path in ("/blog/index.php~", "/blog/index.php.bak", "/blog/%23index.php%23",
+                     "/blog/index.php.swp", "/blog/config.inc"):
+            response = yield self.request("GET", path)
+            body = yield response.content()
+            self.assertNotIn(b"file_get_contents", body, path)
+        response = yield self.request("GET", "/blog/notes.txt")
+        self.assertEqual((yield response.content()), b"plain text\n")
 
     @defer.inlineCallbacks
     def test_connection_cannot_name_host_or_the_length(self):

@@ -11,6 +11,7 @@ from twisted.web import resource, server
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 
+from tqserver.config.server import DEFAULT_STATIC_DENY
 from tqserver.proxy import static
 from tqserver.proxy.static import resolve_public_file, serve_file
 
@@ -135,6 +136,48 @@ class ResolveTests(unittest.TestCase):
         os.symlink("index.php", os.path.join(self.public, "docs", "alias.txt"))
         _write(os.path.join(self.public, "docs", "index.php"), b"<?php")
         self.assertIsNone(resolve_public_file(self.public, "/docs/alias.txt"))
+
+    def test_copies_of_php_never_served(self) -> None:
+        # index.php~, index.php.bak... came back as text with the PHP source.
+        for name in ("index.php~", "index.php.bak", "index.PHP.orig", "#index.php#",
+                     "index.php.1", "index.php_old", "index.php.swp", "x.phtml.save"):
+            _write(os.path.join(self.public, name), b"<?php echo 1;")
+            self.assertIsNone(resolve_public_file(self.public, "/" + name), name)
+        _write(os.path.join(self.public, "phpinfo.txt"), b"about php")
+        self.assertIsNotNone(resolve_public_file(self.public, "/phpinfo.txt"))
+
+    def test_deny_list(self) -> None:
+        deny = DEFAULT_STATIC_DENY
+        for name in ("notes.txt~", "#draft.md#", "page.html.swp", "a.swo", "db.sql.bak",
+                     "site.css.orig", "x.rej", "y.old", "z.save", "w.tmp", "k.kate-swp"):
+            _write(os.path.join(self.public, name), b"backup")
+            self.assertIsNotNone(resolve_public_file(self.public, "/" + name), name)
+            self.assertIsNone(resolve_public_file(self.public, "/" + name, deny), name)
+        self.assertIsNone(resolve_public_file(self.public, "/%23draft.md%23", deny))
+        self.assertIsNotNone(resolve_public_file(self.public, "/site.css", deny))
+        # through a symlink whose target is a backup
+        os.symlink("notes.txt~", os.path.join(self.public, "notes.txt"))
+        self.assertIsNone(resolve_public_file(self.public, "/notes.txt", deny))
+        # a configured list replaces the default one
+        self.assertIsNone(resolve_public_file(self.public, "/site.css", ("*.css",)))
+        self.assertIsNotNone(resolve_public_file(self.public, "/y.old", ("*.css",)))
+
+    def test_php_source_under_any_name_in_a_php_worker(self) -> None:
+        for name, text in (("config.inc", b"<?php $db = 'secret';"),
+                           ("lib.txt", b"notes\n<?PHP echo 1;"), ("tpl.html", b"<p><?= $x ?>")):
+            _write(os.path.join(self.public, name), text)
+            self.assertIsNotNone(resolve_public_file(self.public, "/" + name), name)  # not PHP
+            self.assertIsNone(resolve_public_file(self.public, "/" + name, php=True), name)
+        _write(os.path.join(self.public, "logo.svg"), b"<?xml version='1.0'?><svg/>")
+        self.assertIsNotNone(resolve_public_file(self.public, "/logo.svg", php=True))
+        self.assertIsNotNone(resolve_public_file(self.public, "/site.css", php=True))
+        # an edit that adds a tag is seen (the answer is kept per version of the file)
+        path = os.path.join(self.public, "later.txt")
+        _write(path, b"plain")
+        self.assertIsNotNone(resolve_public_file(self.public, "/later.txt", php=True))
+        _write(path, b"<?php now")
+        os.utime(path, ns=(1, 2_000_000_000_000))
+        self.assertIsNone(resolve_public_file(self.public, "/later.txt", php=True))
 
     def test_hidden(self) -> None:
         for p in ("/.env", "/.git/config", "/%2eenv", "/css/.hidden"):

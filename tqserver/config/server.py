@@ -85,6 +85,31 @@ class AdminSection:
     token: str = _f("", _str(null_ok=True))  # non-empty: non-loopback clients may use it
 
 
+# Editor backups and swap files (vim, emacs, nano, kate, patch, diff tools): a copy of a
+# script in public/ must not be served as text (index.php~ is PHP source). Dotfiles are
+# never served anyway.
+DEFAULT_STATIC_DENY = (
+    "*~",
+    "#*#",
+    "*.swp",
+    "*.swo",
+    "*.swx",
+    "*.bak",
+    "*.orig",
+    "*.rej",
+    "*.old",
+    "*.save",
+    "*.sav",
+    "*.tmp",
+    "*.kate-swp",
+)
+
+
+@attrs.frozen
+class StaticSection:
+    deny: tuple[str, ...] = _f(DEFAULT_STATIC_DENY, _str_list())  # file names never served
+
+
 @attrs.frozen
 class ServerConfig:
     server: ServerSection = _sub(ServerSection)
@@ -93,6 +118,7 @@ class ServerConfig:
     metrics: MetricsSection = _sub(MetricsSection)
     health: HealthSection = _sub(HealthSection)
     admin: AdminSection = _sub(AdminSection)
+    static: StaticSection = _sub(StaticSection)
     source: str = attrs.field(default="")
     positions: dict[str, Position] = _positions()
 

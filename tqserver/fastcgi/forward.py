@@ -52,7 +52,7 @@ class FastCGIForward(Forward):
         if (
             request.method not in (b"GET", b"HEAD")
             and public
-            and static.resolve_public_file(public, rest) is not None
+            and static.resolve_public_file(public, rest, self.cfg.static.deny, php=True) is not None
         ):
             # A static file (GET and HEAD got it already): never the front controller.
             request.setHeader(b"allow", b"GET, HEAD")

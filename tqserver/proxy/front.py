@@ -118,7 +118,9 @@ class Front(MultiService):
             return None
         rest = strip_prefix(route, path)
         if request.method in (b"GET", b"HEAD") and pool.public_dir is not None:
-            found = static.resolve_public_file(pool.public_dir, rest)
+            found = static.resolve_public_file(
+                pool.public_dir, rest, state.config.static.deny, pool.spec.type == "php"
+            )
             if found is not None:
                 request.renderer = lambda req: static.serve_file(req, found)
                 return None

@@ -8,10 +8,13 @@ download tools rely on, streaming the body so memory does not grow with size.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import mimetypes
 import os
 import re
 import stat
+from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IPullProducer
@@ -28,8 +31,13 @@ NOT_MODIFIED = http.NOT_MODIFIED
 
 __all__ = ["resolve_public_file", "serve_file", "within"]
 
-# PHP sources (and their usual aliases) must never leak as text.
-_PHP_RE = re.compile(r"\.(php\d*|phps|phtml|pht|phar)$", re.IGNORECASE)
+# PHP sources (and their usual aliases) must never leak as text, nor a copy of one under
+# another suffix: index.php~, index.php.bak, #index.php#, index.php_old, index.php.1.
+_PHP_RE = re.compile(r"\.(php\d*|phps|phtml|pht|phar)(?![a-z])", re.IGNORECASE)
+# In a PHP worker's public/, a file whose start holds an opening PHP tag is source whatever
+# its name (config.inc, lib.txt); this much of each file is read to tell.
+PHP_SNIFF_BYTES = 65536
+_PHP_TAG = re.compile(rb"<\?(php|=)", re.IGNORECASE)
 
 # Web types that system mime tables get wrong or lack; checked first.
 _TYPES = {
@@ -62,9 +70,13 @@ _RANGE_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 _CHUNK = 65536
 
 
-def resolve_public_file(public_dir: str, subpath: str | bytes) -> str | None:
+def resolve_public_file(
+    public_dir: str, subpath: str | bytes, deny: Sequence[str] = (), php: bool = False
+) -> str | None:
     """Map a raw (still percent-encoded) request path to a real file inside
-    ``public_dir``, or None when it is not something we may serve.
+    ``public_dir``, or None when it is not something we may serve: a name matching a
+    ``deny`` pattern (server.yaml static.deny: editor backups and swap files), a PHP
+    script or a copy of one, and for a ``php`` worker any file that holds PHP source.
 
     Decoding happens exactly once, here, so ``%252e%252e`` stays a literal
     ``%2e%2e`` name.  A trailing ``/`` asks for the directory's index.html;
@@ -82,8 +94,10 @@ def resolve_public_file(public_dir: str, subpath: str | bytes) -> str | None:
     if "/." in "/" + decoded:
         return None
     parts = [p for p in decoded.split("/") if p]
-    if parts and not decoded.endswith("/") and _PHP_RE.search(parts[-1]):
-        return None  # a script: refused before any filesystem call
+    if parts and not decoded.endswith("/"):
+        # a script, a copy of one, a backup: refused before any filesystem call
+        if _PHP_RE.search(parts[-1]) or (deny and _denied(tuple(deny)).match(parts[-1])):
+            return None
     # Most requests under a worker's route are not files: one stat answers them before
     # the realpath() calls (an lstat per path component each) that the safe answer needs.
     candidate = os.path.join(public_dir, "/".join(parts)) if parts else public_dir
@@ -100,13 +114,48 @@ def resolve_public_file(public_dir: str, subpath: str | bytes) -> str | None:
         return None
     if _PHP_RE.search(candidate) or _PHP_RE.search(real):
         return None
+    name = os.path.basename(real)
+    if deny and _denied(tuple(deny)).match(name):
+        return None  # a symlink's target named like a backup
     try:
         st = os.stat(real)
     except (OSError, ValueError):
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
+    if php and _holds_php(real, st):
+        return None
     return real
+
+
+@functools.lru_cache(maxsize=16)
+def _denied(patterns: tuple[str, ...]) -> re.Pattern:
+    """One regex for a deny list of glob patterns (matched against a file name)."""
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or r"(?!)")
+
+
+_sniffed: dict[tuple, bool] = {}
+
+
+def _holds_php(path: str, st: os.stat_result) -> bool:
+    """Whether the first PHP_SNIFF_BYTES of a file hold an opening PHP tag; remembered
+    per version of the file (inode, size, mtime), so a file is read once, not per request."""
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _sniffed.get(key)
+    if found is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            try:
+                head = os.read(fd, PHP_SNIFF_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            return True  # unreadable now: not served
+        found = _PHP_TAG.search(head) is not None
+        if len(_sniffed) >= 4096:
+            _sniffed.clear()
+        _sniffed[key] = found
+    return found
 
 
 def within(root: str, real: str) -> bool:

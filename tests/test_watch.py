@@ -320,7 +320,7 @@ class WatchedTreeTests(InotifyBase):
 
         from twisted.internet import inotify
         # What the kernel sends when its queue overflowed (wd -1): events were lost.
-        self.watcher._notifier._doRead(struct.pack("=iLLL", -1, inotify.IN_Q_OVERFLOW, 0, 0))
+        self.watcher._notifier.events_received(struct.pack("=iLLL", -1, inotify.IN_Q_OVERFLOW, 0, 0))
         state = self.watcher.describe()
         self.assertEqual(state["status"], "failed")
         self.assertIn("overflowed", state["error"])

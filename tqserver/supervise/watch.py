@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import signal
-import struct
 from collections.abc import Iterable
 from typing import Callable
 
@@ -20,6 +19,8 @@ from tqserver.supervise.fingerprint import NOT_SOURCE_DIRS
 
 try:
     from twisted.internet import inotify
+
+    from tqserver.supervise.inotify import TreeNotifier
 except ImportError:  # not Linux
     inotify = None
 
@@ -175,71 +176,6 @@ def watched_dir(
     return not (name in NOT_SOURCE_DIRS and _is_worker_dir(os.path.dirname(path), worker_dirs))
 
 
-if inotify is not None:
-
-    class TreeINotify(inotify.INotify):
-        """Twisted's INotify, for a tree whose directories come and go: a deleted directory
-        (IN_DELETE_SELF) only drops its own watch (Twisted's closes the whole notifier);
-        new directories are added by the owner (Twisted's autoAdd raises, and stops reading,
-        when the directory vanished first); a queue overflow is reported, not dropped."""
-
-        def __init__(self, reactor, lost: Callable, overflow: Callable[[], None]) -> None:
-            inotify.INotify.__init__(self, reactor)
-            self._lost = lost
-            self._overflow = overflow
-            self.closing = False
-
-        def add(self, path: bytes, mask: int, callbacks: list) -> None:
-            """Watch one directory; raises INotifyError when it cannot be added."""
-            mask |= inotify.IN_DELETE_SELF
-            where = filepath.FilePath(path)
-            wd = self._inotify.add(self._fd, where, mask)
-            old = self._watchpoints.get(wd)  # the same inode under another name (moved)
-            if old is not None and self._watchpaths.get(old.path) == wd:
-                del self._watchpaths[old.path]
-            self._watchpoints[wd] = inotify._Watch(where, mask, False, callbacks)
-            self._watchpaths[where] = wd
-
-        def forget_under(self, path: bytes) -> None:
-            """Drop the watches of a directory moved away and of everything under it."""
-            prefix = path + b"/"
-            for watched, wd in list(self._watchpaths.items()):
-                p = watched.path
-                if p == path or p.startswith(prefix):
-                    self._watchpaths.pop(watched, None)
-                    if self._watchpoints.pop(wd, None) is not None:
-                        self._inotify.remove(self._fd, wd)
-
-        def watched_paths(self) -> list[bytes]:
-            return sorted(p.path for p in self._watchpaths)
-
-        def _doRead(self, in_):
-            self._buffer += in_
-            while len(self._buffer) >= 16:
-                wd, mask, _cookie, size = struct.unpack("=LLLL", self._buffer[0:16])
-                name = self._buffer[16 : 16 + size].rstrip(b"\0") if size else None
-                self._buffer = self._buffer[16 + size :]
-                if mask & inotify.IN_Q_OVERFLOW:
-                    self._overflow()
-                    continue
-                iwp = self._watchpoints.get(wd)
-                if iwp is None:
-                    continue
-                path = iwp.path.asBytesMode()
-                if name:
-                    path = path.child(name)
-                if mask & (inotify.IN_DELETE_SELF | inotify.IN_IGNORED) and not name:
-                    self._watchpoints.pop(wd, None)
-                    if self._watchpaths.get(iwp.path) == wd:
-                        del self._watchpaths[iwp.path]
-                iwp._notify(path, mask)
-
-        def connectionLost(self, reason):
-            inotify.INotify.connectionLost(self, reason)
-            if not self.closing:
-                self._lost(reason)
-
-
 class DevWatcher(Service):
     """inotify on workers/ (recursively, new directories included, dependency trees and
     build output never) and on the directory of server.yaml; changes are classified,
@@ -326,7 +262,7 @@ class DevWatcher(Service):
 
     # -- the inotify descriptor --------------------------------------------------------
     def _start_notifier(self) -> None:
-        notifier = TreeINotify(self.reactor, self._lost, self._overflowed)
+        notifier = TreeNotifier(self.reactor, self._lost, self._overflowed)
         self._notifier = notifier
         notifier.startReading()
         workers_dir = self.supervisor.workers_dir

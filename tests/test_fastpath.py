@@ -17,7 +17,7 @@ except ImportError:  # older Twisted
 
 from tqserver.proxy.deadlines import Deadlines
 from tqserver.proxy.site import ProxyChannel, ProxySite
-from tqserver.proxy.wire import write_now
+from tqserver.twisted_compat import write_now
 
 
 class DeadlinesTests(unittest.TestCase):

@@ -8,9 +8,8 @@ import re
 import socket
 import sys
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -31,6 +30,7 @@ from tqserver.proxy.site import ProxySite
 from tqserver.proxy.state import ProxyState
 from tqserver.supervise.supervisor import Supervisor
 from tqserver.supervise.watch import DevWatcher, HangupReload
+from tqserver.twisted_compat import forget_exit_signal
 
 log = Logger()
 
@@ -224,9 +224,7 @@ class TQServer(MultiService):
         log.info("TQServer stopped")
         # twistd re-raises SIGTERM/SIGINT on itself after a clean shutdown, so the exit
         # status would say "killed". Every worker was drained and stopped: report success.
-        reactor = self.reactor
-        if getattr(reactor, "_exitSignal", None) is not None:
-            reactor._exitSignal = None
+        forget_exit_signal(self.reactor)
         return result
 
 
@@ -293,10 +291,8 @@ def makeService(options: Options, reactor=None) -> TQServer:
     else:
         site = ProxySite(front, log_access=AccessLog(state, metrics, reactor))
         for description in options["listen"]:
-            endpoint = endpoints.serverFromString(reactor, description)
-            service = StreamServerEndpointService(endpoint, site)
-            service._raiseSynchronously = True
-            service.setServiceParent(front)
+            # strports.service: a port that cannot be bound stops the start, not just logs
+            strports.service(description, site, reactor=reactor).setServiceParent(front)
     reactor.callWhenRunning(freeze_startup_heap)
     log.info(
         "TQServer starting in {mode} mode, root {root}, listening on {listen}",

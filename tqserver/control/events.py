@@ -61,7 +61,7 @@ class EventHub(Service):
 
     def _send(self, data: bytes) -> None:
         for request in list(self.clients):
-            if request.finished or request._disconnected:
+            if request.finished or request.disconnected:
                 self.clients.discard(request)
             else:
                 request.write(data)
@@ -76,6 +76,6 @@ class EventHub(Service):
             self._heartbeat.stop()
         self._heartbeat = None
         for request in list(self.clients):
-            if not (request.finished or request._disconnected):
+            if not (request.finished or request.disconnected):
                 request.finish()
         self.clients.clear()

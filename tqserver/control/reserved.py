@@ -69,7 +69,7 @@ class Reserved(ReservedPaths):
     the Metrics, the live-reload EventHub and, in dev mode, the DevWatcher."""
 
     def __init__(self, supervisor, metrics, events, watcher=None) -> None:
-        ReservedPaths.__init__(self, supervisor)
+        ReservedPaths.__init__(self, supervisor.state)
         self.supervisor = supervisor
         self.metrics_registry = metrics
         self.events = events

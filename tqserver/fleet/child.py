@@ -48,6 +48,7 @@ from tqserver.proxy.router import RoutingTable
 from tqserver.proxy.site import ProxySite
 from tqserver.proxy.state import ProxyState
 from tqserver.supervise.rotation import InFlight, Rotation
+from tqserver.twisted_compat import adopt_listening_port
 
 log = Logger()
 REPORT_SECONDS = 1.0
@@ -293,9 +294,7 @@ class ProxyProcess(QuietAMP):
         socket.setdefaulttimeout(0.0)
         try:
             for fd in self.listen_fds:
-                port = OneAcceptPort._fromListeningDescriptor(
-                    self.reactor, fd, _family(fd), self.site
-                )
+                port = adopt_listening_port(OneAcceptPort, self.reactor, fd, _family(fd), self.site)
                 port.startListening()
                 os.close(fd)
                 self.ports.append(port)

@@ -42,7 +42,7 @@ def send_error(
     live_reload: str | None = None,
 ) -> None:
     """An error page; in dev, ``live_reload`` names the worker whose next swap reloads it."""
-    if request.finished or request._disconnected:
+    if request.finished or request.disconnected:
         return
     if request.startedWriting:
         # Too late for a status: cut the response so the client sees it is incomplete.

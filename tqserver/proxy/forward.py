@@ -193,7 +193,7 @@ class Forward(UpstreamSink):
             self.timing = False
             self.front.deadlines.cancel(self._timed_out)
         request = self.request
-        if request._disconnected:
+        if request.disconnected:
             return
         self.response_started = True
         if code != 101 and not self.front.dev and request.relay_head(code, reason, headers):
@@ -279,7 +279,7 @@ class Forward(UpstreamSink):
         self._finish_instance()
         self._end()
         request = self.request
-        if request._disconnected:
+        if request.disconnected:
             return
         if request.producer is not None:
             request.unregisterProducer()

@@ -19,7 +19,8 @@ from tqserver.proxy.headers import (
     connection_tokens,
     next_request_id,
 )
-from tqserver.proxy.wire import write_now
+from tqserver.twisted_compat import write_now
+from tqserver.twisted_compat import HTTPChannelHooks
 
 log = Logger()
 
@@ -65,6 +66,7 @@ class ProxyRequest(server.Request):
     _request_id: bytes | None = None
     raw_head: list | None = None  # see relay_head
     _raw_length = False
+    disconnected = False  # the client went away
 
     @property
     def front(self) -> Front:
@@ -252,7 +254,7 @@ class ProxyRequest(server.Request):
     def finish_when_read(self) -> None:
         """finish(), but only once the whole request body has been read: the channel cannot
         start the next request while this one's body is still arriving."""
-        if self.finished or self._disconnected:
+        if self.finished or self.disconnected:
             return
         if not self._body_read:
             self._finish_pending = True
@@ -263,10 +265,11 @@ class ProxyRequest(server.Request):
     def connectionLost(self, reason) -> None:
         if self.forward is not None:
             self.forward.client_gone()
+        self.disconnected = True
         server.Request.connectionLost(self, reason)
 
 
-class ProxyChannel(_HTTPChannel):
+class ProxyChannel(HTTPChannelHooks):
     """HTTPChannel that hands the request its method and target when the head is complete,
     enforces the whole-request read timeout, and answers 431 for oversized heads.
 
@@ -420,19 +423,12 @@ class ProxyChannel(_HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._in_head = False
         req = self.requests[-1]
-        req.head_received(self._command, self._path, self._version)
+        req.head_received(*self.request_line)
         if self._rejected:
             return
         if self._reading and not self._read_suspended:
             self._arm_read_timeout()  # from here on: the body, timed on the client's pauses
         _HTTPChannel.allHeadersReceived(self)
-
-    def _finishRequestBody(self, data: bytes) -> None:
-        # What Twisted >= 23 does; older ones called allContentReceived() first, so a request
-        # finished at once (an early answer, an error page) lost the pipelined request that
-        # arrived in the same read as the end of its body.
-        self._dataBuffer.append(data)
-        self.allContentReceived()
 
     def allContentReceived(self) -> None:
         self._end_read_timeout()
@@ -459,12 +455,8 @@ class ProxyChannel(_HTTPChannel):
             return False
         return True
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        too_big = (
-            getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize
-            or getattr(self, "_receivedHeaderCount", 0) > self.maxHeaders
-        )
-        self.reject(431 if too_big else 400)
+    def bad_request(self, head_too_large: bool) -> None:
+        self.reject(431 if head_too_large else 400)
 
     def reject(self, status: int) -> None:
         """A minimal response for a request we will not read further; closes the connection.

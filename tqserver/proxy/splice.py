@@ -68,7 +68,6 @@ def splice_upgrade(request, conn, rest: bytes, code: int, reason: bytes, headers
     client.unregisterProducer()
     client.registerProducer(conn.transport, True)
     conn.transport.registerProducer(client, True)
-    buffered = getattr(channel, "_dataBuffer", None)
-    if buffered:
-        conn.transport.write(b"".join(buffered))
-        del buffered[:]
+    unread = channel.take_unread()  # what the client sent after its Upgrade request
+    if unread:
+        conn.transport.write(unread)

@@ -20,7 +20,7 @@ from tqserver.proxy.response_head import (
     UpstreamError,
     parse_response_head,
 )
-from tqserver.proxy.wire import write_now
+from tqserver.twisted_compat import write_now
 
 MAX_IDLE_PER_PORT = 128
 

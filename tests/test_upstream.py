@@ -297,6 +297,15 @@ class ChunkedTests(ConnectionTestCase):
                 b"A\r\n0123456789\r\n"
                 b"0;last\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n")
 
+    def test_client_gone_in_the_middle_of_one_read(self) -> None:
+        # The sink drops the connection on its first chunk (the client went away): the rest
+        # of that read is not relayed to anyone (it raised AttributeError on the None sink).
+        sink = self.request()
+        sink.upstream_data = lambda data: (sink.chunks.append(data), self.conn.abort())
+        self.feed(self.RESPONSE)
+        self.assertEqual(sink.chunks, [b"hello"])
+        self.assertDropped()
+
     def test_extensions_and_trailers(self) -> None:
         sink = self.request()
         self.feed(self.RESPONSE)

@@ -122,7 +122,7 @@ def start_self_reloader() -> None:
     """--reload: hupper keeps a small monitor process that re-runs this very twistd command
     in a fresh child whenever a loaded Python module (TQServer's own code included)
     changes. In the child, hupper is active and startup continues normally."""
-    import hupper
+    import hupper  # type: ignore[import-untyped]  # hupper ships no type information
 
     if hupper.is_active():
         return
@@ -185,7 +185,10 @@ def _listen_problem(description: str) -> str | None:
 
 def listen_address(description: str) -> tuple[str, int, int]:
     """(host, port, address family) of a tcp:/tcp6: endpoint description."""
-    host, port = tcp_address(description)
+    address = tcp_address(description)
+    assert address is not None, description  # a tcp: or tcp6: one (Options checks)
+    host, port = address
+    assert port is not None, description
     family = socket.AF_INET6 if ":" in host or description.startswith("tcp6") else socket.AF_INET
     return host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port, family
 

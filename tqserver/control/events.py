@@ -23,7 +23,7 @@ class EventHub(Service):
     def __init__(self, reactor) -> None:
         self.reactor = reactor
         self.clients: set = set()
-        self._heartbeat = None
+        self._heartbeat: task.LoopingCall | None = None
         self.published = 0
 
     def subscribe(self, request) -> None:
@@ -34,9 +34,9 @@ class EventHub(Service):
         self.clients.add(request)
         request.notifyFinish().addBoth(lambda _: self.clients.discard(request))
         if self._heartbeat is None:
-            self._heartbeat = task.LoopingCall(self._ping)
-            self._heartbeat.clock = self.reactor
-            self._heartbeat.start(HEARTBEAT_SECONDS, now=False)
+            heartbeat = self._heartbeat = task.LoopingCall(self._ping)
+            heartbeat.clock = self.reactor
+            heartbeat.start(HEARTBEAT_SECONDS, now=False)
 
     def pool_changed(self, pool, event: PoolEvent) -> None:
         """What a page served by ``pool`` reloads on."""
@@ -54,7 +54,8 @@ class EventHub(Service):
 
     def _ping(self) -> None:
         if not self.clients:
-            self._heartbeat.stop()
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
             self._heartbeat = None
             return
         self._send(b": ping\n\n")

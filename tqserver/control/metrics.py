@@ -179,7 +179,7 @@ class Metrics:
         self.instances.clear()
         self.in_flight.clear()
         for pool in pools:
-            states = {}
+            states: dict[str, int] = {}
             for inst in pool.instances:
                 state = str(inst.state)
                 states[state] = states.get(state, 0) + 1

@@ -42,7 +42,7 @@ class FastCGISink(UpstreamSink):
 _IDLE, _HEAD, _BODY = range(3)
 
 
-class FastCGIConnection(ConnectionControl, protocol.Protocol):
+class FastCGIConnection(ConnectionControl):
     """One connection to a FastCGI server, carrying one request at a time (php-fpm does not
     multiplex). With ``keep_conn`` the server is asked to keep it open for the next one."""
 

@@ -97,6 +97,7 @@ class FastCGIForward(Forward):
             self._end()
             self.request.channel.reject(413)
             return
+        assert self.pending_body is not None  # collected before anything is sent
         self.pending_body.append(data)
 
     def body_finished(self) -> None:
@@ -142,6 +143,7 @@ class FastCGIForward(Forward):
             Forward._connect_failed(self, failure)
             return
         inst, self.instance = self.instance, None
+        assert inst is not None  # picked before connecting
         inst.request_finished()
         self._end()
         send_error(

@@ -18,7 +18,9 @@ import socket
 import sys
 
 from twisted.internet import defer, stdio, task, tcp
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, globalLogBeginner
+from twisted.python.failure import Failure
 
 from tqserver.config.discovery import WorkerSpec
 from tqserver.config.server import default_server_config
@@ -303,7 +305,7 @@ class ProxyProcess(QuietAMP):
         self.reporter.start(REPORT_SECONDS, now=False)
         log.info("proxy process {pid} accepting connections", pid=os.getpid())
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         QuietAMP.connectionLost(self, reason)
         if not self.stopping:
             log.info("the supervisor is gone: stopping")

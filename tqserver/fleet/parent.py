@@ -14,10 +14,12 @@ import os
 import secrets
 import socket
 import sys
+from typing import cast
 
 import psutil
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, tcp
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from tqserver.control.metrics import RequestStats
@@ -75,11 +77,12 @@ class RelayRequest(ProxyRequest):
     def client_ip(self) -> str:
         headers = self.requestHeaders
         given = headers.getRawHeaders(RELAY_HEADER, [b""])[0]
-        if secrets.compare_digest(given, self.channel.site.relay_secret):
+        site = cast("RelaySite", self.channel.site)  # the site of a RelayRequest
+        if secrets.compare_digest(given, site.relay_secret):
             xff = headers.getRawHeaders(b"x-forwarded-for")
             if xff:
                 return xff[-1].rsplit(b",", 1)[-1].strip().decode("latin-1")
-        return ProxyRequest.client_ip.fget(self)
+        return super().client_ip
 
 
 class RelaySite(ProxySite):
@@ -156,9 +159,11 @@ class ProxyChild(protocol.ProcessProtocol):
         self.started_at = fleet.reactor.seconds()
         self.ended: defer.Deferred = defer.Deferred()
         self.connected = False
-        self.stopper = Stopper(
-            fleet.reactor, lambda sig: self.transport.signalProcess(sig), f"proxy process {index}"
-        )
+        self.stopper = Stopper(fleet.reactor, self._signal, f"proxy process {index}")
+
+    def _signal(self, sig) -> None:
+        if self.transport is not None:
+            self.transport.signalProcess(sig)
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -205,11 +210,11 @@ class ProxyFleet(MultiService):
         self.children: dict[int, ProxyChild] = {}
         self.retired = RequestStats()  # counts of proxy processes that have exited
         self.relay_secret = secrets.token_hex(16).encode()
-        self.relay_port = None
+        self.relay_port: tcp.Port | None = None
         self._version = 0
-        self._publish_call = None
+        self._publish_call: IDelayedCall | None = None
         self._backoff: dict[int, Backoff] = {}  # by process index
-        self._restart_calls: dict[int, object] = {}
+        self._restart_calls: dict[int, IDelayedCall] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def privilegedStartService(self) -> None:
@@ -310,6 +315,7 @@ class ProxyFleet(MultiService):
 
     # -- what the proxy processes are told -------------------------------------------
     def _settings(self) -> Settings:
+        assert self.relay_port is not None  # proxy processes start once it listens
         return Settings(
             config=self.state.config,
             mode=self.state.mode,

@@ -15,8 +15,10 @@ from __future__ import annotations
 import pickle
 
 import attrs
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IAddress, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tqserver.config.discovery import WorkerSpec
@@ -111,11 +113,12 @@ class QuietAMP(amp.AMP):
     def makeConnection(self, transport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
 
+@implementer(IAddress)
 @attrs.frozen
 class PipeAddress:
     description: str
@@ -138,8 +141,8 @@ class ChildStdio:
     def loseConnection(self) -> None:
         self.process.closeStdin()
 
-    def getPeer(self) -> PipeAddress:
+    def getPeer(self) -> IAddress:
         return PipeAddress("proxy process stdio")
 
-    def getHost(self) -> PipeAddress:
+    def getHost(self) -> IAddress:
         return PipeAddress("supervisor")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -16,13 +16,26 @@ from tqserver.proxy.upstream import UpstreamConnection, UpstreamSink
 
 if TYPE_CHECKING:
     from tqserver.proxy.front import Front
-    from tqserver.proxy.site import ProxyRequest
+    from tqserver.proxy.site import ProxyChannel, ProxyRequest
 
 log = Logger()
 
 MAX_ATTEMPTS = 3  # connection attempts; a refused one provably never reached the worker
 # RFC 9110 9.2.2: sending one of these twice has the effect of sending it once.
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+
+class Instance(Protocol):
+    """What a Forward uses of a worker instance: the supervisor's (supervise.Instance) or
+    a proxy process's mirror of one (fleet.child.MirrorInstance)."""
+
+    id: str
+    port: int
+    inflight: int
+
+    def request_started(self) -> None: ...
+    def request_finished(self) -> None: ...
+    def log_lines(self, data: bytes) -> None: ...
 
 
 class Forward(UpstreamSink):
@@ -35,24 +48,25 @@ class Forward(UpstreamSink):
     ) -> None:
         self.front = front
         self.request = request
-        self.channel = getattr(request, "channel", None)  # a finished request forgets it
+        # a finished request forgets it
+        self.channel: ProxyChannel | None = getattr(request, "channel", None)
         self.pool = pool
         self.route = route
         self.target = target
         self.cfg = cfg
-        self.instance = None
+        self.instance: Instance | None = None
         self.instance_id: str | None = None
         self.conn: UpstreamConnection | None = None
         self.attempts = 0
         self.resent = False  # sent once more after an exchange that broke (_may_send_again)
-        self.tried = set()
-        self.pending_body: list = []
+        self.tried: set[Instance] = set()
+        self.pending_body: list[bytes] | None = []  # until connected
         self.body_complete = False
         self.response_started = False
         self.done = False
         self.timing = False  # the write timeout is armed (in front.deadlines)
         self.head: bytes | None = None
-        self.upgrade_head = None
+        self.upgrade_head: tuple[int, bytes, list[tuple[bytes, bytes]]] | None = None
         self.live_reload = False
         self.has_body = False
         self.chunked = False
@@ -113,6 +127,7 @@ class Forward(UpstreamSink):
         inst, self.instance = self.instance, None
         if self.done:  # the client left while we connected: client_gone() did the accounting
             return
+        assert inst is not None  # picked before connecting
         inst.request_finished()
         self.tried.add(inst)
         log.warn(
@@ -132,9 +147,11 @@ class Forward(UpstreamSink):
             self._give_back(conn) if not conn.closed else None
             return
         self.conn = conn
-        conn.send(self.head, self, self.request.method == b"HEAD", self.has_body, self.chunked)
+        head = self.head
+        assert head is not None  # built by start()
+        conn.send(head, self, self.request.method == b"HEAD", self.has_body, self.chunked)
         if self.has_body:
-            for chunk in self.pending_body:
+            for chunk in self.pending_body or ():
                 conn.write_body(chunk)
             self.pending_body = None
             if self.body_complete:
@@ -195,12 +212,14 @@ class Forward(UpstreamSink):
         request = self.request
         if request.disconnected:
             return
+        conn, channel = self.conn, self.channel
+        assert conn is not None and channel is not None  # the response comes from conn
         self.response_started = True
         if code != 101 and not self.front.dev and request.relay_head(code, reason, headers):
             # prod: the worker's head relayed as raw lines (no Headers object work)
-            request.registerProducer(self.conn, True)
-            if self.conn.flushes_sink:
-                self.channel.cork()
+            request.registerProducer(conn, True)
+            if conn.flushes_sink:
+                channel.cork()
             return
         request.defaultContentType = None  # relay the worker's Content-Type, never invent one
         request.setResponseCode(code, reason or None)
@@ -230,6 +249,7 @@ class Forward(UpstreamSink):
             kept.append((name, value))
         if self.front.dev and self.decorate:
             inst = self.instance
+            assert inst is not None  # answering
             spec = self.pool.spec
             out.setRawHeaders(b"x-tqserver-worker-name", [spec.name.encode()])
             out.setRawHeaders(b"x-tqserver-worker-type", [spec.type.encode()])
@@ -241,10 +261,10 @@ class Forward(UpstreamSink):
         if code == 101:
             self.upgrade_head = (code, reason, kept)
         else:
-            request.registerProducer(self.conn, True)
-            if self.conn.flushes_sink:
+            request.registerProducer(conn, True)
+            if conn.flushes_sink:
                 # The head and what follows of the body in this read go out in one send.
-                self.channel.cork()
+                channel.cork()
 
     def _wants_live_reload(self, code: int, out) -> bool:
         """Dev: a full HTML page gets the live-reload script appended (browsers run a
@@ -339,6 +359,7 @@ class Forward(UpstreamSink):
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         from tqserver.proxy.splice import splice_upgrade
 
+        assert self.upgrade_head is not None  # upstream_response kept it
         code, reason, headers = self.upgrade_head
         splice_upgrade(self.request, conn, rest, code, reason, headers)
 
@@ -408,7 +429,7 @@ class Forward(UpstreamSink):
         self.upgrade_requested = upgrade
         if upgrade:
             out.append(b"Connection: upgrade\r\n")
-            for value in headers.getRawHeaders(b"upgrade"):
+            for value in headers.getRawHeaders(b"upgrade", ()):
                 out += (b"Upgrade: ", value, b"\r\n")
         for name, value in self.forwarded_headers():
             out += (name, b": ", value, b"\r\n")
@@ -423,8 +444,8 @@ class Forward(UpstreamSink):
         headers = request.requestHeaders
         client_b = client.encode()
         proto = b"https" if request.isSecure() else b"http"
-        host = headers.getRawHeaders(b"host")
-        host = host[0] if host else b""
+        hosts = headers.getRawHeaders(b"host")
+        host = hosts[0] if hosts else b""
         fhost = None
         trusted = self.cfg.server.trusted_proxies
         if trusted and client in trusted:

@@ -6,7 +6,10 @@ import io
 import re
 from typing import Callable
 
+from twisted.internet import tcp
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from tqserver.proxy import pages
@@ -19,8 +22,7 @@ from tqserver.proxy.headers import (
     connection_tokens,
     next_request_id,
 )
-from tqserver.twisted_compat import write_now
-from tqserver.twisted_compat import HTTPChannelHooks
+from tqserver.twisted_compat import HTTPChannelHooks, write_now
 
 log = Logger()
 
@@ -41,7 +43,7 @@ _ABSOLUTE_FORM = re.compile(rb"https?://([^/?#@]+)([/?].*)?", re.IGNORECASE | re
 
 def remove_dot_segments(path: bytes) -> bytes:
     """RFC 3986 5.2.4, so '/hello/../index' is routed (and forwarded) as '/index'."""
-    out = []
+    out: list[bytes] = []
     for segment in path.split(b"/")[1:]:
         if segment in (b".", b"%2e", b"%2E"):
             continue
@@ -57,6 +59,8 @@ def remove_dot_segments(path: bytes) -> bytes:
 class ProxyRequest(server.Request):
     """A twisted.web Request that is routed when its head arrives (see ProxyChannel)."""
 
+    channel: ProxyChannel
+    site: ProxySite
     renderer: Callable | None = None
     worker_pool = None
     forward: Forward | None = None
@@ -64,7 +68,7 @@ class ProxyRequest(server.Request):
     _finish_pending = False
     _reading_paused = False
     _request_id: bytes | None = None
-    raw_head: list | None = None  # see relay_head
+    raw_head: list[bytes] | None = None  # see relay_head
     _raw_length = False
     disconnected = False  # the client went away
 
@@ -95,7 +99,7 @@ class ProxyRequest(server.Request):
         write, or by finish(), as twisted.web does. False, with nothing changed, for what
         Forward.upstream_response handles with Headers: a Connection or Transfer-Encoding
         header from the worker (more filtering), a bare CR or LF (sanitizing)."""
-        lines = []
+        lines: list[bytes] = []
         has_length = False
         n = 0
         for name, value in headers:
@@ -126,12 +130,13 @@ class ProxyRequest(server.Request):
         return True
 
     def write(self, data: bytes) -> None:
-        if self.raw_head is not None and not self.startedWriting:
-            self._write_raw_head()
+        lines = self.raw_head
+        if lines is not None and not self.startedWriting:
+            self._write_raw_head(lines)
         server.Request.write(self, data)
 
-    def _write_raw_head(self) -> None:
-        lines, self.raw_head = self.raw_head, None
+    def _write_raw_head(self, lines: list[bytes]) -> None:
+        self.raw_head = None
         self.startedWriting = 1
         version = self.clientproto
         code = self.code
@@ -147,7 +152,7 @@ class ProxyRequest(server.Request):
             b"%s %d %s\r\n%s\r\n" % (version, code, self.code_message, b"".join(lines))
         )
         if self.method == b"HEAD" or code in _NO_BODY_CODES:
-            self.write = lambda data: None  # as twisted.web does
+            self.write = lambda data: None  # type: ignore[method-assign]  # as twisted.web does
 
     # -- called by ProxyChannel at the end of the head --------------------------------
     def head_received(self, command: bytes, uri: bytes, version: bytes) -> None:
@@ -262,7 +267,7 @@ class ProxyRequest(server.Request):
             return
         self.finish()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         if self.forward is not None:
             self.forward.client_gone()
         self.disconnected = True
@@ -278,6 +283,8 @@ class ProxyChannel(HTTPChannelHooks):
     ``flush()``, which the Forward calls at the end of each read from the instance; the
     end of the request, a reject and loseConnection flush first, so nothing is reordered."""
 
+    site: ProxySite  # set by the Site that built it
+    transport: tcp.Connection  # set by makeConnection, before anything else runs
     _reading = False  # a request is being read: its read timeout is armed (unless suspended)
     _read_suspended = False  # we stopped reading its body (the worker is slower)
     _in_head = False  # between the request line and the end of the head
@@ -505,7 +512,7 @@ class ProxyChannel(HTTPChannelHooks):
         request.sentLength = size
         self.site.log(request)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cork = None
         self._end_read_timeout()
         _HTTPChannel.connectionLost(self, reason)  # setTimeout(None): the idle timeout
@@ -515,7 +522,8 @@ class ProxySite(server.Site):
     """The Site for the public port; ``front`` does the routing, ``log_access`` gets each
     finished request (see AccessLog)."""
 
-    protocol = ProxyChannel
+    # HTTPChannel itself, not twisted.web's protocol-negotiating wrapper around one:
+    protocol = ProxyChannel  # type: ignore[assignment]
     requestFactory = ProxyRequest
     displayTracebacks = False
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from twisted.internet import protocol
 
+from tqserver.proxy.upstream import UpstreamSink
 
-class _Pipe:
+
+class _Pipe(UpstreamSink):
     """Upstream side of a spliced connection (it replaces the Forward as the sink)."""
 
     def __init__(self, client_transport, done) -> None:
@@ -40,7 +42,7 @@ def splice_upgrade(request, conn, rest: bytes, code: int, reason: bytes, headers
     if rest:
         client.write(rest)
     channel.setTimeout(None)
-    finished = []
+    finished: list[bool] = []
 
     def done() -> None:
         if not finished:

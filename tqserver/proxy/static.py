@@ -353,9 +353,11 @@ class _FileProducer:
         self._remaining = length
 
     def start(self) -> None:
+        request = self._request
+        assert request is not None  # stopProducing forgets it; start comes first
         # The errback both closes the file on disconnect and consumes the failure.
-        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self._request.registerProducer(self, False)
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        request.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
         request = self._request

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from twisted.application.service import Service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 
@@ -48,14 +48,15 @@ class UpstreamSink:
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
-class ConnectionControl:
+class ConnectionControl(protocol.Protocol):
     """What the proxy does to any connection to an instance (HTTP or FastCGI): registered
     as the producer of the client's response, it pauses and resumes reading from the
     instance; ``abort`` drops it when the client went away or time ran out."""
 
     closed = False
-    sink = None
-    transport = None
+    sink: UpstreamSink | None = None
+    # Set by makeConnection before anything else is called: a TCP connection to 127.0.0.1.
+    transport: tcp.Connection
     flushes_sink = False  # calls sink.upstream_flush() after each read
 
     def pauseProducing(self) -> None:
@@ -84,7 +85,7 @@ class ConnectionControl:
             sink.upstream_failed(reason)
 
 
-class UpstreamConnection(ConnectionControl, protocol.Protocol):
+class UpstreamConnection(ConnectionControl):
     """One keep-alive connection to one instance; carries one request at a time."""
 
     flushes_sink = True
@@ -93,7 +94,7 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         self.pool = pool
         self.port = port
         self.sink: UpstreamSink | None = None
-        self.connected_d: defer.Deferred = defer.Deferred()
+        self.connected_d: defer.Deferred[UpstreamConnection] = defer.Deferred()
         self.closed = False
         self._state = _IDLE
         self._buf = b""
@@ -139,6 +140,11 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         sink = self.sink
+        if sink is None:
+            # Idle (a request has a sink until its response is complete): an idle
+            # connection must be silent; anything here means it is not reusable.
+            self.abort()
+            return
         state = self._state
         if state == _LENGTH and not self._buf:  # the hot path: body bytes of known length
             n = len(data)
@@ -150,21 +156,19 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
         elif state == _UPGRADED:
             sink.upstream_data(data)
             return
-        elif state == _IDLE:
-            # An idle connection must be silent; anything here means it is not reusable.
-            self.abort()
-            return
         self._buf += data
         try:
             self._parse()
         except UpstreamError as e:
             self._fail(Failure(e))
-        if sink is not None:
-            # The end of one read: what the sink relayed of it may leave in one send.
-            sink.upstream_flush()
+        # The end of one read: what the sink relayed of it may leave in one send.
+        sink.upstream_flush()
 
     def _parse(self) -> None:
         while self._buf:
+            sink = self.sink
+            if sink is None:
+                return  # aborted (the client went away) or complete: nothing more to relay
             state = self._state
             if state == _HEAD:
                 end = self._buf.find(b"\r\n\r\n")
@@ -180,7 +184,7 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
                 self._buf = self._buf[len(take) :]
                 self._remaining -= len(take)
                 if take:
-                    self.sink.upstream_data(take)
+                    sink.upstream_data(take)
                 if self._remaining == 0:
                     self._complete()
                     return
@@ -204,7 +208,7 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
                 take = self._buf[: self._remaining]
                 self._buf = self._buf[len(take) :]
                 self._remaining -= len(take)
-                self.sink.upstream_data(take)
+                sink.upstream_data(take)
                 if self._remaining == 0:
                     self._state = _CHUNK_CRLF
             elif state == _CHUNK_CRLF:
@@ -224,31 +228,33 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
                     return
             elif state == _CLOSE:
                 data, self._buf = self._buf, b""
-                self.sink.upstream_data(data)
+                sink.upstream_data(data)
             elif state == _UPGRADED:
                 data, self._buf = self._buf, b""
-                self.sink.upstream_data(data)
-            else:  # _IDLE with leftover bytes
+                sink.upstream_data(data)
+            else:  # _IDLE with a sink: cannot be (a complete response drops its sink)
                 raise UpstreamError("unexpected data after the response")
 
     def _start_response(self, head: bytes) -> bool:
         """Handle a parsed head; False when parsing must stop (upgrade handed over)."""
         parsed = parse_response_head(head)
+        sink = self.sink
+        assert sink is not None  # a head is parsed only while a request waits for it
         if parsed.interim:
             return True  # 100 Continue, 103 Early Hints: wait for the real one
         code, reason, headers = parsed.code, parsed.reason, parsed.headers
         self._keep_alive = parsed.keep_alive
         chunked, length = parsed.chunked, parsed.length
         if code == 101:
-            if not self.sink.upgrade_requested:
+            if not sink.upgrade_requested:
                 raise UpstreamError("101 Switching Protocols to a request without Upgrade")
             self._state = _UPGRADED
             self._keep_alive = False
             rest, self._buf = self._buf, b""
-            self.sink.upstream_response(code, reason, headers)
-            self.sink.upstream_upgraded(self, rest)
+            sink.upstream_response(code, reason, headers)
+            sink.upstream_upgraded(self, rest)
             return False
-        self.sink.upstream_response(code, reason, headers)
+        sink.upstream_response(code, reason, headers)
         if self.sink is None:  # the client went away while we delivered the head
             return False
         if self._no_body or code in (204, 304):
@@ -301,6 +307,12 @@ class UpstreamConnection(ConnectionControl, protocol.Protocol):
             sink.upstream_failed(reason)
 
 
+def _when_connected(conn) -> defer.Deferred[UpstreamConnection]:
+    """The endpoint connected: the connection is usable once connectionMade ran."""
+    assert isinstance(conn, UpstreamConnection)
+    return conn.connected_d
+
+
 class _Factory(protocol.Factory):
     noisy = False
 
@@ -339,7 +351,7 @@ class UpstreamPool(Service):
             return defer.succeed(conn)
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=self.connect_timeout)
         d = endpoint.connect(_Factory(self, port))
-        return d.addCallback(lambda conn: conn.connected_d)
+        return d.addCallback(_when_connected)
 
     def release(self, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.port, [])

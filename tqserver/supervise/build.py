@@ -33,6 +33,7 @@ class _Collector(ProcessProtocol):
         self.done: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # connected
         self.transport.closeStdin()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from tqserver.supervise.instance import Instance
+
+if TYPE_CHECKING:
+    from tqserver.config.server import WorkersSection
+    from tqserver.supervise.pool import WorkerPool
 
 log = Logger()
 
@@ -30,17 +34,17 @@ class HealthChecker(Service):
     def __init__(
         self,
         reactor,
-        pools: Callable[[], Iterable],
+        pools: Callable[[], Iterable[WorkerPool]],
         probe,
-        settings: Callable,
-        on_result: Callable[[object, bool], None] = lambda pool, ok: None,
+        settings: Callable[[], WorkersSection],
+        on_result: Callable[[WorkerPool, bool], None] = lambda pool, ok: None,
     ) -> None:
         self.reactor = reactor
         self._pools = pools
         self._probe = probe
         self._settings = settings
-        self._loop = None
-        self._interval = None
+        self._loop: task.LoopingCall | None = None
+        self._interval: float | None = None
         self.checks = {"ok": 0, "fail": 0}
         self._delayed: set[defer.Deferred] = set()  # probes of this round yet to start
         self.on_result = on_result  # (pool, ok) after each probe
@@ -66,9 +70,9 @@ class HealthChecker(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._interval = self._settings().health_check_interval_ms / 1000.0
-        self._loop = task.LoopingCall(self.check_all)
-        self._loop.clock = self.reactor
-        d = self._loop.start(self._interval, now=False)
+        loop = self._loop = task.LoopingCall(self.check_all)
+        loop.clock = self.reactor
+        d = loop.start(self._interval, now=False)
         d.addErrback(lambda f: log.failure("health checker stopped", f))
 
     def check_all(self) -> defer.Deferred:
@@ -86,7 +90,9 @@ class HealthChecker(Service):
                 checks.extend(self._check(pool, inst) for pool, inst in batch)
         return defer.gatherResults(checks, consumeErrors=True)
 
-    def _check_later(self, delay: float, batch: list[tuple[object, Instance]]) -> defer.Deferred:
+    def _check_later(
+        self, delay: float, batch: list[tuple[WorkerPool, Instance]]
+    ) -> defer.Deferred:
         def start():
             self._delayed.discard(d)
             # not those that left the rotation meanwhile
@@ -103,7 +109,7 @@ class HealthChecker(Service):
         self._delayed.add(d)
         return d.addErrback(cancelled)
 
-    def _check(self, pool, inst: Instance) -> defer.Deferred:
+    def _check(self, pool: WorkerPool, inst: Instance) -> defer.Deferred:
         s = self._settings()
         d = self._probe(inst, pool.spec.config.health_path, s.health_check_timeout_ms / 1000.0)
 

@@ -69,10 +69,10 @@ class LineSink:
     def __init__(self, prefix: bytes, write: Callable[[bytes], None]) -> None:
         self._prefix = prefix
         self._write = write
-        self._partial: dict[int, bytes] = {}
+        self._partial: dict[int | str, bytes] = {}  # by descriptor ("side": FastCGI STDERR)
         self.tail: deque[bytes] = deque(maxlen=TAIL_LINES)
 
-    def feed(self, fd: int, data: bytes) -> None:
+    def feed(self, fd: int | str, data: bytes) -> None:
         data = self._partial.pop(fd, b"") + data
         lines = data.split(b"\n")
         tail = lines.pop()
@@ -258,8 +258,10 @@ class Instance(InFlight, ProcessProtocol):
         self._wake_idle()
 
     def connectionMade(self) -> None:
-        self._leader_pid = self.transport.pid
-        self.transport.closeStdin()
+        transport = self.transport
+        assert transport is not None  # connected
+        self._leader_pid = transport.pid
+        transport.closeStdin()
 
     _leader_pid: int | None = None
 

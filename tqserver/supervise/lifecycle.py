@@ -5,7 +5,7 @@ not go in time) and starting another after it died, not too soon (Backoff)."""
 from __future__ import annotations
 
 import signal
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from twisted.logger import Logger
 
@@ -21,7 +21,7 @@ class Stopper:
     timeout unless ``ended`` is called first (the process exited). Stopping twice sends
     nothing more. ``send(signal)`` signals the process (or its process group)."""
 
-    def __init__(self, reactor, send: Callable[[Signal], object], what: str) -> None:
+    def __init__(self, reactor, send: Callable[[Any], object], what: str) -> None:
         self.reactor = reactor
         self.send = send
         self.what = what  # for the log line: "instance app#1 of app"

@@ -14,6 +14,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from tqserver.config.discovery import WorkerSpec
+from tqserver.config.server import WorkersSection
 from tqserver.logs.files import DatedLogFile, resolve_template
 from tqserver.runtimes import CannotBuild, Runtime
 from tqserver.supervise.build import BuildResult, run_build
@@ -21,7 +22,7 @@ from tqserver.supervise.events import PoolEvent
 from tqserver.supervise.fingerprint import Fingerprint
 from tqserver.supervise.instance import Instance, InstanceState
 from tqserver.supervise.lifecycle import Backoff
-from tqserver.supervise.ports import PortsExhausted
+from tqserver.supervise.ports import PortPool, PortsExhausted
 from tqserver.supervise.rotation import Rotation
 
 log = Logger()
@@ -42,11 +43,11 @@ def _remove(path: str) -> None:
 class PoolContext:
     """What every pool shares; owned by the Supervisor."""
 
-    reactor: object
+    reactor: Any  # IReactorTime and IReactorProcess
     root: str
     mode: str  # "dev" | "prod"
-    ports: object  # PortPool
-    settings: Callable[[], object]  # -> current WorkersSection
+    ports: PortPool
+    settings: Callable[[], WorkersSection]  # the current one (server.yaml may be reloaded)
     probe: Callable[[Instance, str, float], defer.Deferred]  # -> bool
     base_env: dict[str, str] = attrs.field(factory=dict)
     changed: Callable[[WorkerPool, PoolEvent], None] = lambda pool, event: None
@@ -59,6 +60,8 @@ class PoolContext:
 class WorkerPool(Rotation, Service):
     """One worker's instances. ``serving`` is the rotation the proxy picks from; it is only
     ever replaced whole, after the new instances answered their first health probe."""
+
+    name: str  # the worker's (a Service's may be None)
 
     _public_of = None  # the spec _public_dir was computed for
     _public_dir = ""
@@ -92,7 +95,7 @@ class WorkerPool(Rotation, Service):
 
     # -- what the proxy uses (and Rotation's pick/wait_serving) -------------------------
     def _may_serve_soon(self) -> bool:
-        return self.running and (self.deploying or self._restart_call is not None)
+        return bool(self.running) and (self.deploying or self._restart_call is not None)
 
     @property
     def _reactor(self):
@@ -292,7 +295,7 @@ class WorkerPool(Rotation, Service):
             waiters, self._queue_waiters = self._queue_waiters, []
             d = self.deploy(reason, build)
             for waiter in waiters:
-                d.addBoth(lambda r, w=waiter: (w.callback(r), r)[1])
+                d.addBoth(_pass_on, waiter)
         elif not self.serving:
             self._wake_waiters()
         return result
@@ -629,6 +632,12 @@ class WorkerPool(Rotation, Service):
         if self._log_file is None or self.ctx.mode == "dev":
             for line in data.decode("utf-8", "replace").splitlines():
                 log.info("{worker}: {line}", worker=self.name, line=line.split(" ", 1)[-1])
+
+
+def _pass_on(result, waiter: defer.Deferred):
+    """A queued deploy's result to one who asked for it too."""
+    waiter.callback(result)
+    return result
 
 
 def jitter(limit: int, fraction: float = 0.1) -> int:

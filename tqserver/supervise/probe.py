@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.application.service import Service
-from twisted.internet import defer
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet import defer, tcp
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.python.failure import Failure
 
 from tqserver.fastcgi import client as fastcgi_client
 from tqserver.proxy.response_head import MAX_HEAD, UpstreamError, parse_response_head
@@ -22,6 +23,8 @@ class _ProbeConnection(Protocol):
     a chunked body's last chunk, or the close. After a healthy answer the connection is
     kept for the instance's next probe (up to REUSE probes), unless the instance said
     ``Connection: close``."""
+
+    transport: tcp.Connection | None  # a TCP connection to 127.0.0.1
 
     def __init__(self, prober: Prober, port: int, made: Callable[[_ProbeConnection], None]) -> None:
         self.prober = prober
@@ -51,9 +54,10 @@ class _ProbeConnection(Protocol):
         closed before any answer (the instance closed it while idle): ask on a fresh one."""
         self._reset(reused=self.uses > 0)
         self.uses += 1
-        self.waiting = defer.Deferred()
+        waiting = self.waiting = defer.Deferred()
+        assert self.transport is not None  # asked once connected
         self.transport.write(request)
-        return self.waiting
+        return waiting
 
     def dataReceived(self, data: bytes) -> None:
         if self.waiting is None:
@@ -95,13 +99,14 @@ class _ProbeConnection(Protocol):
 
     def _answer(self, ok: bool) -> None:
         d, self.waiting = self.waiting, None
+        assert d is not None  # only while a probe waits
         if ok and self.keep and self.uses < REUSE:
             self.prober._keep(self)
         else:
             self.close()
         d.callback(ok)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.prober._lost(self)
         if self.waiting is not None:
             d, self.waiting = self.waiting, None

@@ -76,6 +76,7 @@ class InFlight:
         return d
 
     def _wake_idle(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
+        waiters = self._idle_waiters[:]
+        del self._idle_waiters[:]  # in place: the list is in the subclass's __slots__
         for d in waiters:
             d.callback(self)

@@ -7,7 +7,7 @@ import fnmatch
 import os
 import signal
 from collections.abc import Iterable
-from typing import Callable
+from typing import Any, Callable
 
 import attrs
 from twisted.application.service import Service
@@ -22,7 +22,7 @@ try:
 
     from tqserver.supervise.inotify import TreeNotifier
 except ImportError:  # not Linux
-    inotify = None
+    inotify = None  # type: ignore[assignment]  # DevWatcher says it cannot watch
 
 log = Logger()
 
@@ -210,7 +210,7 @@ class DevWatcher(Service):
         self.supervisor = supervisor
         self.debouncer = Debouncer(reactor, self._delay, apply)
         self.rescan = rescan  # None: supervisor.reload
-        self._notifier = None
+        self._notifier: TreeNotifier | None = None
         self.problem: str | None = None  # why the watcher is not watching right now
         self.failures = 0
         self.last_failure: str | None = None
@@ -410,10 +410,10 @@ class HangupReload(Service):
 
     name = "hangup"
 
-    def __init__(self, reactor, reload: Callable[[str], None]) -> None:
+    def __init__(self, reactor, reload: Callable[[str], object]) -> None:
         self.reactor = reactor
         self.reload = reload
-        self._previous = None
+        self._previous: Any = None  # the SIGHUP handler before ours (signal.signal's answer)
 
     def startService(self) -> None:
         Service.startService(self)

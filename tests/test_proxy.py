@@ -131,6 +131,7 @@ class FakePool:
         self.instances = set(instances)
         self.public_dir = public_dir
         self.build_error: Optional[str] = None
+        self.config_error_text: Optional[str] = None
         self.start_error: Optional[str] = None
         self.error: Optional[str] = None
         self.starting = False          # wait_serving holds requests while True

@@ -38,6 +38,7 @@ class FakePool:
     error: object = None
     build_error: object = None
     start_error: object = None
+    config_error_text: object = None
     soon: bool = False
 
     @property

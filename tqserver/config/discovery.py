@@ -16,7 +16,15 @@ import attrs
 from tqserver.config.errors import ConfigError, ConfigWarning
 from tqserver.config.worker import WorkerConfig, default_worker_config, load_worker_config
 
-__all__ = ["CONFIG_FILE", "RESERVED_SUBDIRS", "Discovery", "WorkerSpec", "discover", "infer_type"]
+__all__ = [
+    "CONFIG_FILE",
+    "RESERVED_SUBDIRS",
+    "Discovery",
+    "WorkerSpec",
+    "discover",
+    "infer_type",
+    "route_taken",
+]
 
 CONFIG_FILE = os.path.join("config", "worker.yaml")
 
@@ -45,6 +53,9 @@ class Discovery:
     disabled: tuple[str, ...] = ()
     errors: tuple[ConfigError, ...] = ()
     warnings: tuple[ConfigWarning, ...] = ()
+    # Workers whose worker.yaml cannot be applied as it is now: invalid, its route taken,
+    # or empty (a running worker keeps its last good configuration: see Supervisor).
+    held: tuple[tuple[str, ConfigError], ...] = ()
 
 
 def _exists(directory: str, *parts: str) -> bool:
@@ -114,6 +125,7 @@ class _Walk:
         self.found: list[WorkerSpec] = []
         self.disabled: list[str] = []
         self.errors: list[ConfigError] = []
+        self.held: dict[str, ConfigError] = {}
         self.warnings: list[ConfigWarning] = []
         self.seen: set[str] = set()
 
@@ -149,8 +161,17 @@ class _Walk:
                 config, warnings = load_worker_config(config_file)
             except ConfigError as e:
                 self.errors.append(e)
+                self.held[name] = e
                 return True
             self.warnings.extend(warnings)
+            if _is_empty(config_file):
+                # Found with every default, but a file emptied mid-save must not reset a
+                # running worker: the Supervisor keeps its last good configuration.
+                self.held[name] = ConfigError(
+                    "the file is empty (truncated while being saved?); a running worker "
+                    "keeps its last good configuration: write {} to use every default",
+                    config_file,
+                )
         else:
             config_file = None
             config = default_worker_config()
@@ -160,14 +181,13 @@ class _Walk:
         if not config.enabled_in(self.mode):
             self.disabled.append(name)
         elif kind is None:
-            self.errors.append(
-                ConfigError(
-                    f"cannot tell the worker type: found none of {_looked_for(config)}; "
-                    "set 'type:'",
-                    config_file,
-                    key="type",
-                )
+            error = ConfigError(
+                f"cannot tell the worker type: found none of {_looked_for(config)}; set 'type:'",
+                config_file,
+                key="type",
             )
+            self.errors.append(error)
+            self.held[name] = error
         else:
             self.found.append(
                 WorkerSpec(name, directory, _route(name, config), kind, config, config_file)
@@ -175,7 +195,18 @@ class _Walk:
         return True
 
 
-def _dedupe_routes(found: list[WorkerSpec], errors: list[ConfigError]) -> list[WorkerSpec]:
+def _is_empty(path: str) -> bool:
+    """Nothing but white space (a comment or {} is a choice: every default)."""
+    try:
+        with open(path, "rb") as f:
+            return not f.read(4096).strip() and os.fstat(f.fileno()).st_size <= 4096
+    except OSError:
+        return False
+
+
+def _dedupe_routes(
+    found: list[WorkerSpec], errors: list[ConfigError], held: dict[str, ConfigError]
+) -> list[WorkerSpec]:
     """Keep the first worker (by name) per route; the others are errors naming both."""
     owners: dict[str, WorkerSpec] = {}
     kept = []
@@ -185,18 +216,21 @@ def _dedupe_routes(found: list[WorkerSpec], errors: list[ConfigError]) -> list[W
             owners[spec.route] = spec
             kept.append(spec)
             continue
-        line, column = spec.config.positions.get("path", (None, None))
-        errors.append(
-            ConfigError(
-                f"route {spec.route!r} of worker {spec.name!r} is already served by "
-                f"worker {owner.name!r}",
-                spec.config_file or spec.directory,
-                line,
-                column,
-                "path",
-            )
-        )
+        error = route_taken(spec, owner.name)
+        errors.append(error)
+        held[spec.name] = error
     return kept
+
+
+def route_taken(spec: WorkerSpec, owner: str) -> ConfigError:
+    line, column = spec.config.positions.get("path", (None, None))
+    return ConfigError(
+        f"route {spec.route!r} of worker {spec.name!r} is already served by worker {owner!r}",
+        spec.config_file or spec.directory,
+        line,
+        column,
+        "path",
+    )
 
 
 def discover(workers_dir: str, mode: str, ignore: Iterable[str] = ()) -> Discovery:
@@ -211,7 +245,11 @@ def discover(workers_dir: str, mode: str, ignore: Iterable[str] = ()) -> Discove
         )
     state = _Walk(root, mode, tuple(ignore))
     state.walk(root)
-    workers = _dedupe_routes(state.found, state.errors)
+    workers = _dedupe_routes(state.found, state.errors, state.held)
     return Discovery(
-        tuple(workers), tuple(sorted(state.disabled)), tuple(state.errors), tuple(state.warnings)
+        tuple(workers),
+        tuple(sorted(state.disabled)),
+        tuple(state.errors),
+        tuple(state.warnings),
+        tuple(sorted(state.held.items())),
     )

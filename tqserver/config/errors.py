@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import attrs
@@ -46,6 +47,12 @@ class ConfigError(Exception):
 
     def __repr__(self) -> str:
         return f"ConfigError({str(self)!r})"
+
+    def relative_to(self, root: str) -> ConfigError:
+        """The same error naming its file relative to ``root`` (for /health: no absolute
+        paths shown to whoever asks)."""
+        file = os.path.relpath(self.file, root) if self.file else None
+        return ConfigError(self.message, file, self.line, self.column, self.key)
 
 
 @attrs.frozen

@@ -46,6 +46,8 @@ class EventHub(Service):
             self.publish("build-failed", pool.name)  # the page shows the output
         elif event is PoolEvent.PUBLIC_CHANGED:
             self.publish("public", pool.name)
+        elif event is PoolEvent.CONFIG_ERROR:
+            self.publish("config", pool.name)  # the page shows (or drops) the banner
 
     def publish(self, kind: str, worker: str) -> None:
         self.published += 1

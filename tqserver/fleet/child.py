@@ -109,6 +109,7 @@ class MirrorPool(Rotation):
         self.error = snapshot.error
         self.build_error = snapshot.build_error
         self.start_error = snapshot.start_error
+        self.config_error_text = snapshot.config_error_text
         self.soon = snapshot.may_serve_soon
         self.serving = serving
         if serving or not self.soon:

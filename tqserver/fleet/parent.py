@@ -339,6 +339,7 @@ class ProxyFleet(MultiService):
                 error=pool.error,
                 build_error=pool.build_error,
                 start_error=pool.start_error,
+                config_error_text=pool.config_error_text,
             )
             for _, pool in self.state.routes.items()
         ]

@@ -72,6 +72,7 @@ class PoolSnapshot:
     error: str | None
     build_error: str | None
     start_error: str | None = None  # dev: why new code exited at start
+    config_error_text: str | None = None  # its worker.yaml cannot be applied: why
 
 
 class Configure(amp.Command):

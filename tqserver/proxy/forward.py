@@ -304,7 +304,9 @@ class Forward(UpstreamSink):
         if request.producer is not None:
             request.unregisterProducer()
         if self.live_reload:
-            request.write(self.front.live_reload_snippet(self.pool.name))
+            request.write(
+                self.front.live_reload_snippet(self.pool.name, self.pool.config_error_text)
+            )
         request.finish_when_read()
         self.upstream_flush()
 

@@ -82,9 +82,9 @@ class Front(MultiService):
     def dev(self) -> bool:
         return self.state.mode == "dev"
 
-    def live_reload_snippet(self, worker: str) -> bytes:
+    def live_reload_snippet(self, worker: str, config_error: str | None = None) -> bytes:
         events = self.state.config.admin.path.rstrip("/") + "/events"
-        return live_reload_snippet(worker, events)
+        return live_reload_snippet(worker, events, config_error)
 
     def plan(self, request: ProxyRequest) -> Forward | None:
         """Either start forwarding now (returns the Forward) or leave a renderer on the

@@ -63,10 +63,20 @@ def error_page(
     ).encode("utf-8")
 
 
-def live_reload_snippet(worker: str, events_url: str) -> bytes:
-    """The script added to dev-mode HTML pages."""
+def live_reload_snippet(worker: str, events_url: str, config_error: str | None = None) -> bytes:
+    """The script added to dev-mode HTML pages; with ``config_error``, a banner above the
+    page saying the worker's worker.yaml cannot be applied (it runs with the last good one)."""
+    banner = ""
+    if config_error:
+        banner = (
+            "<div id=tqserver-config-error style='position:fixed;top:0;left:0;right:0;"
+            "z-index:2147483647;background:#b00020;color:#fff;padding:6px 12px;"
+            "font:13px/1.4 ui-monospace,monospace;white-space:pre-wrap'>TQServer: "
+            f"{html.escape(config_error)}\n(the worker runs with its last good "
+            "configuration until this is fixed)</div>"
+        )
     return (
-        "<script>/* TQServer live reload */(function(){if(!window.EventSource)return;"
+        banner + "<script>/* TQServer live reload */(function(){if(!window.EventSource)return;"
         f"var w={json.dumps(worker)},s=new EventSource({json.dumps(events_url)});"
         "s.onmessage=function(m){var e;try{e=JSON.parse(m.data)}catch(x){return}"
         "if(e.worker===w||e.worker==='*'){s.close();location.reload()}}})();</script>\n"

@@ -25,6 +25,7 @@ class PoolEvent(str, enum.Enum):
     PROBE_OK = "probe-ok"  # a periodic health probe of an instance passed
     PROBE_FAILED = "probe-failed"  # ... or failed
     PUBLIC_CHANGED = "public-changed"  # dev: a file under the worker's public/ changed
+    CONFIG_ERROR = "config-error"  # pool.config_error was set or cleared
 
     def __str__(self) -> str:
         return self.value

@@ -197,6 +197,7 @@ class WorkerPool(Rotation, Service):
             len(self.serving) < self.desired
             or self.build_error
             or self.start_error
+            or self.config_error
             or self.crash_loop
             or any(inst.health_failures for inst in self.serving)
         ):
@@ -208,6 +209,29 @@ class WorkerPool(Rotation, Service):
         now = self.ctx.reactor.seconds()
         return sum(1 for t in self.crash_times if now - t < CRASH_LOOP_WINDOW) >= CRASH_LOOP_COUNT
 
+    config_error = None  # a ConfigError: its worker.yaml cannot be applied, the last good one runs
+
+    def set_config_error(self, error) -> None:
+        """The worker.yaml on disk cannot be applied (``error``), or it is fine again
+        (None); the pool keeps running with the spec it has either way."""
+        if str(error) == str(self.config_error):
+            return
+        if error is not None:
+            log.warn(
+                "{worker} keeps running with its last good configuration until {file} is valid",
+                worker=self.name,
+                file=error.relative_to(self.ctx.root).file or "its worker.yaml",
+            )
+        self.config_error = error
+        self.ctx.changed(self, PoolEvent.CONFIG_ERROR)
+
+    @property
+    def config_error_text(self) -> str | None:
+        """The error as file:line:column: key: message, the file relative to the project
+        root (no absolute paths in /health)."""
+        error = self.config_error
+        return None if error is None else str(error.relative_to(self.ctx.root))
+
     def describe(self) -> dict:
         """The JSON-able state shown by /health and the status page."""
         return {
@@ -217,6 +241,7 @@ class WorkerPool(Rotation, Service):
             "instances": len(self.serving),
             "healthy_instances": sum(1 for i in self.serving if not i.health_failures),
             "error": self.error,
+            "config_error": self.config_error_text,
             "crash_loop": self.crash_loop,
             "restarts": dict(self.restarts),
             "last_build": None

@@ -11,7 +11,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from tqserver.config.discovery import WorkerSpec, discover
+from tqserver.config.discovery import WorkerSpec, discover, route_taken
 from tqserver.config.errors import ConfigError
 from tqserver.config.server import ServerConfig, load_server_config
 from tqserver.proxy.router import RoutingTable
@@ -129,15 +129,26 @@ class Supervisor(MultiService):
         for error in found.errors:
             log.error("{error}", error=str(error))
         wanted = {spec.name: spec for spec in found.workers}
+        held = self._held(found, wanted)
         actions: dict[str, str] = {}
         removed = []
         for name in list(self.pools):
-            if name not in wanted:
+            if name in held:
+                # A worker.yaml that cannot be applied (invalid, emptied mid-save, its
+                # route taken): the worker keeps running as it is, and says why.
+                wanted.pop(name, None)
+                actions[name] = "kept"
+                self.pools[name].set_config_error(held[name])
+            elif name not in wanted:
                 removed.append(self._remove(name))
                 actions[name] = "removed"
+            else:
+                self.pools[name].set_config_error(None)
         for name, spec in wanted.items():
             pool = self.pools.get(name)
             if pool is None:
+                if name in held:  # a new worker with an empty worker.yaml: every default
+                    log.warn("{error}", error=str(held[name]))
                 if self._add(spec):
                     actions[name] = "added"
             elif pool.spec != spec:
@@ -157,9 +168,25 @@ class Supervisor(MultiService):
         for pool in removed:
             self._pool_changed(pool, PoolEvent.REMOVED)
         for name, what in actions.items():
-            if what != "removed":
+            if what not in ("removed", "kept"):
                 self._pool_changed(self.pools[name], PoolEvent(what))
         return actions
+
+    def _held(self, found, wanted: dict[str, WorkerSpec]) -> dict[str, ConfigError]:
+        """The running workers whose worker.yaml cannot be applied now, with why. Besides
+        what discovery holds back: a worker that wants the route a held one keeps serving."""
+        held = dict(found.held)
+        kept_routes = {self.pools[name].spec.route: name for name in held if name in self.pools}
+        for name, spec in list(wanted.items()):
+            owner = kept_routes.get(spec.route)
+            if owner is not None and owner != name and name not in held:
+                error = route_taken(spec, owner)
+                log.error("{error}", error=str(error))
+                self.config_errors.append(error)
+                held[name] = error
+                if name not in self.pools:
+                    del wanted[name]  # a new one: not started on a route in use
+        return held
 
     def _add(self, spec: WorkerSpec) -> bool:
         try:

@@ -23,6 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from tqserver.logs.files import DROPPED_LINES
 from tqserver.supervise.events import PoolEvent
 
 LATENCY_BUCKETS = (
@@ -114,6 +115,24 @@ class RequestCollector:
         yield duration
 
 
+class DroppedLogLinesCollector:
+    """tqserver_log_lines_dropped_total{log}: lines of a log that could not be written
+    ("server", "worker:<name>"), from logs.files.DROPPED_LINES."""
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        dropped = CounterMetricFamily(
+            "tqserver_log_lines_dropped",
+            "Log lines dropped because their file could not be written",
+            labels=["log"],
+        )
+        for name, n in sorted(DROPPED_LINES.items()):
+            dropped.add_metric([name], n)
+        yield dropped
+
+
 class Metrics:
     """The supervisor's registry. Requests are counted by the AccessLog
     (``observe_request``), pool changes arrive as a Supervisor listener (``pool_changed``);
@@ -127,6 +146,7 @@ class Metrics:
         self.requests = RequestStats()  # answered by this process
         self.elsewhere = elsewhere
         r.register(RequestCollector(lambda: [self.requests, *self.elsewhere()]))
+        r.register(DroppedLogLinesCollector())
         self.in_flight = Gauge(
             "tqserver_requests_in_flight", "Requests in flight", ["worker"], registry=r
         )

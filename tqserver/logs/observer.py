@@ -14,12 +14,12 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from tqserver.logs.files import DatedLogFile
+from tqserver.logs.files import FailSafeLog
 
 
 @implementer(ILogObserver)
 class TextFileObserver:
-    """Writes classic twistd-style lines to a DatedLogFile or a stream."""
+    """Writes classic twistd-style lines to a log file or a stream."""
 
     def __init__(self, sink) -> None:
         self._sink = sink
@@ -28,7 +28,7 @@ class TextFileObserver:
         text = formatEventAsClassicLogText(event)
         if not text:
             return
-        if isinstance(self._sink, DatedLogFile):
+        if isinstance(self._sink, FailSafeLog):
             self._sink.write(text.encode("utf-8", "replace"))
         else:
             self._sink.write(text)
@@ -52,7 +52,7 @@ class ServerLogObserver:
             None if quiet else TextFileObserver(console or sys.stdout)
         )
         self._system = system  # names the process in every line (a proxy process)
-        self._file: DatedLogFile | None = None
+        self._file: FailSafeLog | None = None
         self._file_observer: TextFileObserver | None = None
         self.set_file(file_template)
         predicate = LogLevelFilterPredicate(defaultLogLevel=level)
@@ -63,7 +63,10 @@ class ServerLogObserver:
             return
         if self._file is not None:
             self._file.close()
-        self._file = DatedLogFile(template) if template else None
+        # A log file that cannot be written never stops the server, nor is it dropped in
+        # silence: the console (or stderr) says so, the lines are counted (tqserver_log_
+        # lines_dropped_total{log="server"}), and writing resumes when it can.
+        self._file = FailSafeLog(template, "server", self._say) if template else None
         self._file_observer = TextFileObserver(self._file) if self._file else None
 
     def _emit(self, event: dict) -> None:
@@ -77,6 +80,19 @@ class ServerLogObserver:
         if self._system is not None and event.get("log_system", "-") == "-":
             event = dict(event, log_system=self._system)
         self._filtered(event)
+
+    @property
+    def file_error(self) -> str | None:
+        return None if self._file is None else self._file.error
+
+    def _say(self, message: str) -> None:
+        """A problem of the log file itself: not through the log (it is what is broken)."""
+        stream = self._console._sink if self._console is not None else sys.stderr
+        try:
+            stream.write(f"tqserver: server log: {message}\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         if self._file is not None:

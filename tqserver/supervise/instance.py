@@ -234,7 +234,12 @@ class Instance(InFlight, ProcessProtocol):
 
     # -- ProcessProtocol -------------------------------------------------------------
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self._sink.feed(childFD, data)
+        # Never raise here: Twisted would close that pipe, and a worker writing to it would
+        # then fail (EPIPE) on every request, for good. The output is always drained.
+        try:
+            self._sink.feed(childFD, data)
+        except Exception:
+            log.failure("{id}: writing its output failed (output dropped)", id=self.id)
 
     def processEnded(self, reason: Failure) -> None:
         self._sink.flush()

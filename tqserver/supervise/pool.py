@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from tqserver.config.discovery import WorkerSpec
 from tqserver.config.server import WorkersSection
-from tqserver.logs.files import DatedLogFile, resolve_template
+from tqserver.logs.files import FailSafeLog, resolve_template
 from tqserver.runtimes import CannotBuild, Runtime
 from tqserver.supervise.build import BuildResult, run_build
 from tqserver.supervise.events import PoolEvent
@@ -86,7 +86,7 @@ class WorkerPool(Rotation, Service):
         self._queue: tuple[str, bool] | None = None
         self._queue_waiters: list[defer.Deferred] = []
         self._serving_waiters: list[defer.Deferred] = []
-        self._log_file: DatedLogFile | None = None
+        self._log_file: FailSafeLog | None = None
         self._build_d: defer.Deferred | None = None
         self.fingerprint: Fingerprint | None = None
         self._deploy_started = 0.0
@@ -198,6 +198,7 @@ class WorkerPool(Rotation, Service):
             or self.build_error
             or self.start_error
             or self.config_error
+            or self.log_error
             or self.crash_loop
             or any(inst.health_failures for inst in self.serving)
         ):
@@ -208,6 +209,14 @@ class WorkerPool(Rotation, Service):
     def crash_loop(self) -> bool:
         now = self.ctx.reactor.seconds()
         return sum(1 for t in self.crash_times if now - t < CRASH_LOOP_WINDOW) >= CRASH_LOOP_COUNT
+
+    @property
+    def log_error(self) -> str | None:
+        """Why its log file cannot be written, while it cannot (its lines are dropped)."""
+        return None if self._log_file is None else self._log_file.error
+
+    def _log_problem(self, message: str) -> None:
+        log.warn("{worker}: {message}", worker=self.name, message=message)
 
     config_error = None  # a ConfigError: its worker.yaml cannot be applied, the last good one runs
 
@@ -242,6 +251,7 @@ class WorkerPool(Rotation, Service):
             "healthy_instances": sum(1 for i in self.serving if not i.health_failures),
             "error": self.error,
             "config_error": self.config_error_text,
+            "log_error": self.log_error,
             "crash_loop": self.crash_loop,
             "restarts": dict(self.restarts),
             "last_build": None
@@ -651,7 +661,12 @@ class WorkerPool(Rotation, Service):
         if self._log_file is None:
             path = resolve_template(self.spec.config.log_file, self.ctx.root, self.name)
             if path is not None:
-                self._log_file = DatedLogFile(path)
+                self._log_file = FailSafeLog(
+                    path,
+                    f"worker:{self.name}",
+                    self._log_problem,
+                    shown=os.path.relpath(path, self.ctx.root),
+                )
         if self._log_file is not None:
             self._log_file.write(data)
         if self._log_file is None or self.ctx.mode == "dev":

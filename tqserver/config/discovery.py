@@ -155,22 +155,23 @@ class _Walk:
     def visit(self, directory: str) -> bool:
         """Record the worker at `directory`, if it is one; say whether it is."""
         name = os.path.relpath(directory, self.root).replace(os.sep, "/")
-        config_file: str | None = os.path.join(directory, CONFIG_FILE)
-        if os.path.isfile(config_file):
+        path = os.path.join(directory, CONFIG_FILE)
+        config_file: str | None = path
+        if os.path.isfile(path):
             try:
-                config, warnings = load_worker_config(config_file)
+                config, warnings = load_worker_config(path)
             except ConfigError as e:
                 self.errors.append(e)
                 self.held[name] = e
                 return True
             self.warnings.extend(warnings)
-            if _is_empty(config_file):
+            if _is_empty(path):
                 # Found with every default, but a file emptied mid-save must not reset a
                 # running worker: the Supervisor keeps its last good configuration.
                 self.held[name] = ConfigError(
                     "the file is empty (truncated while being saved?); a running worker "
                     "keeps its last good configuration: write {} to use every default",
-                    config_file,
+                    path,
                 )
         else:
             config_file = None

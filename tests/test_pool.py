@@ -341,7 +341,7 @@ class BuildTests(PoolTestBase):
         from tqserver.runtimes import BuildStep
 
         class Compiled(CommandRuntime):
-            def build_steps(self, spec):
+            def build_steps(self, spec, mode="dev"):
                 return [BuildStep(["compiler", "--out", "bin/app"], spec.directory)]
         self.pool.runtime = Compiled()
 

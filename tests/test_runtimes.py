@@ -87,8 +87,9 @@ class BunTests(SpecMixin, unittest.TestCase):
         return spec
 
     def installed(self, spec: WorkerSpec, stamp_ns: int) -> None:
-        """node_modules as a successful install leaves it, its stamp written at stamp_ns."""
-        write(os.path.join(spec.directory, "node_modules", ".tqserver-installed"), "", stamp_ns)
+        """node_modules as a successful dev install leaves it, its stamp written at stamp_ns."""
+        write(os.path.join(spec.directory, "node_modules", ".tqserver-installed"),
+              "development\n", stamp_ns)
 
     def test_run_argv_and_env(self) -> None:
         spec = self.bun_spec(entrypoint="src/server.ts", env={"NODE_ENV": "production"})
@@ -114,11 +115,28 @@ class BunTests(SpecMixin, unittest.TestCase):
         self.assertEqual([s.argv for s in steps[:1]], [[self.bun, "install"]])
         self.assertEqual(steps[0].cwd, spec.directory)
         stamp = os.path.join(spec.directory, "node_modules", ".tqserver-installed")
-        self.assertEqual(steps[1].argv[-2:], ["touch", stamp])
+        self.assertEqual(steps[1].argv[-3:], ["stamp", stamp, "development"])
         # The stamp step is the real helper: run it the way the build would.
         self.assertEqual(buildhelper.main(steps[1].argv[2:]), 0)
         self.assertTrue(os.path.exists(stamp))
         self.assertEqual(self.runtime.build_steps(spec), [])
+
+    def test_prod_installs_without_dev_dependencies_and_a_dev_install_does_not_count(self):
+        spec = self.bun_spec()
+        write(os.path.join(spec.directory, "package.json"), "{}", T0)
+        self.installed(spec, T0 + 1)
+        self.assertEqual(self.runtime.build_steps(spec, "dev"), [])
+        install, stamp = self.runtime.build_steps(spec, "prod")
+        self.assertEqual(install.argv, [self.bun, "install", "--production"])
+        self.assertEqual(buildhelper.main(stamp.argv[2:]), 0)
+        self.assertEqual(self.runtime.build_steps(spec, "prod"), [])
+        self.assertEqual(self.runtime.build_steps(spec, "dev")[0].argv, [self.bun, "install"])
+
+    def test_a_stamp_from_before_modes_were_recorded_installs_once(self) -> None:
+        spec = self.bun_spec()
+        write(os.path.join(spec.directory, "package.json"), "{}", T0)
+        write(os.path.join(spec.directory, "node_modules", ".tqserver-installed"), "", T0 + 1)
+        self.assertTrue(self.runtime.install_needed(spec))
 
     def test_unchanged_package_json_and_lockfile_skip_install(self) -> None:
         spec = self.bun_spec()
@@ -490,7 +508,7 @@ class PythonTests(SpecMixin, unittest.TestCase):
         steps = self.runtime.build_steps(spec)
         self.assertEqual([s.argv[:3] for s in steps],
                          [[self.uv, "venv", "--clear"], [self.uv, "pip", "install"],
-                          [sys.executable, runtimes._HELPER, "stamp"]])
+                          [sys.executable, runtimes.HELPER, "stamp"]])
         self.assertEqual(steps[0].argv[3:], ["--python", sys.executable, venv])
         self.assertEqual(steps[1].argv[3:], ["--compile-bytecode", "--python",
                                              os.path.join(venv, "bin", "python"), "-r", req])
@@ -527,7 +545,7 @@ class PythonTests(SpecMixin, unittest.TestCase):
         py = os.path.join(venv, "bin", "python")
         steps = self.runtime.build_steps(spec)
         self.assertEqual(steps[0].argv, [sys.executable, "-m", "venv", "--clear", venv])
-        self.assertEqual(steps[1].argv[1:3], [runtimes._HELPER, "pyproject-requirements"])
+        self.assertEqual(steps[1].argv[1:3], [runtimes.HELPER, "pyproject-requirements"])
         listed = steps[1].argv[-1]
         self.assertEqual(steps[2].argv, [py, "-m", "pip", "install",
                                          "--disable-pip-version-check", "-r", listed])
@@ -672,6 +690,98 @@ class ReloadInputsTests(SpecMixin, unittest.TestCase):
         before = Fingerprint.take(spec, runtime)
         self.touch(spec, "bin/svc.jar")           # a jar deployed by rsync: restart it
         self.assertEqual(before.difference(Fingerprint.take(spec, runtime)), "artifact")
+
+
+class GoBuildTests(SpecMixin, unittest.TestCase):
+    def setUp(self) -> None:
+        self.go = executable(os.path.abspath(self.mktemp()) + "/bin/go")
+        self.patch(runtimes.go, "find_tool", lambda name, *fallbacks: self.go)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "GOFLAGS"})
+        self.runtime = runtimes.go.GoRuntime()
+        self.spec = self.make_spec("go", "hello")
+        write(os.path.join(self.spec.directory, "go.mod"), "module hello\n", T0)
+        write(os.path.join(self.spec.directory, "src", "main.go"), "package main\n", T0)
+
+    def built(self, steps) -> None:
+        """What a successful build leaves: the binary, then the stamp (the real helper)."""
+        write(self.runtime.artifact(self.spec), "binary")
+        self.assertEqual(buildhelper.main(steps[-1].argv[2:]), 0)
+
+    def test_dev_and_prod_flags(self) -> None:
+        out = self.runtime.artifact(self.spec)
+        dev, _ = self.runtime.build_steps(self.spec, "dev")
+        self.assertEqual(dev.argv, [self.go, "build", "-buildvcs=false", "-o", out, "./src"])
+        prod, _ = self.runtime.build_steps(self.spec, "prod")
+        self.assertEqual(prod.argv, [self.go, "build", "-buildvcs=false", "-trimpath",
+                                     "-ldflags=-s -w", "-o", out, "./src"])
+        spec = attrs.evolve(self.spec, config=attrs.evolve(
+            self.spec.config, go=attrs.evolve(self.spec.config.go, build_flags=("-race",))))
+        self.assertEqual(self.runtime.build_steps(spec, "prod")[0].argv[4:6],
+                         ["-ldflags=-s -w", "-race"])       # the worker's own flags last
+
+    def test_an_up_to_date_binary_is_not_rebuilt_nor_needs_go(self) -> None:
+        self.built(self.runtime.build_steps(self.spec, "dev"))
+        self.assertEqual(self.runtime.build_steps(self.spec, "dev"), [])
+        self.assertEqual(len(self.runtime.build_steps(self.spec, "prod")), 2)  # other flags
+        self.patch(runtimes.go, "find_tool", lambda name, *fallbacks: None)
+        self.assertEqual(self.runtime.build_steps(self.spec, "dev"), [])       # no Go needed
+        write(os.path.join(self.spec.directory, "src", "main.go"), "package main\n", T0 + 1)
+        self.assertRaises(ToolchainMissing, self.runtime.build_steps, self.spec, "dev")
+
+    def test_any_input_change_or_a_missing_binary_rebuilds(self) -> None:
+        self.built(self.runtime.build_steps(self.spec, "prod"))
+        self.assertEqual(self.runtime.build_steps(self.spec, "prod"), [])
+        write(os.path.join(self.spec.directory, "go.sum"), "", T0)
+        self.assertEqual(len(self.runtime.build_steps(self.spec, "prod")), 2)
+        os.remove(os.path.join(self.spec.directory, "go.sum"))
+        self.assertEqual(self.runtime.build_steps(self.spec, "prod"), [])
+        os.remove(self.runtime.artifact(self.spec))
+        self.assertEqual(len(self.runtime.build_steps(self.spec, "prod")), 2)
+
+    def test_the_stamp_holds_in_a_copy_of_the_tree_elsewhere(self) -> None:
+        self.built(self.runtime.build_steps(self.spec, "prod"))
+        copy = os.path.abspath(self.mktemp())
+        shutil.copytree(self.spec.directory, copy)       # copy2 keeps mtimes, as rsync -a
+        moved = attrs.evolve(self.spec, directory=copy)
+        self.assertEqual(self.runtime.build_steps(moved, "prod"), [])
+
+
+class PhpLintTests(SpecMixin, unittest.TestCase):
+    def setUp(self) -> None:
+        from tqserver.runtimes import php
+        self.php = php
+        self.spec = self.make_spec("php", "blog")
+        write(os.path.join(self.spec.directory, "public", "index.php"), "<?php echo 1;\n")
+        self.patch(php.PhpRuntime, "binary", lambda self, spec: "/usr/sbin/php-fpm")
+
+    def test_prod_lints_every_script_dev_does_not(self) -> None:
+        self.patch(self.php, "find_php_cli", lambda: "/usr/bin/php")
+        write(os.path.join(self.spec.directory, "views", "layout.php"), "<?php\n")
+        write(os.path.join(self.spec.directory, "public", "style.css"), "")
+        runtime = self.php.PhpRuntime()
+        self.assertEqual(runtime.build_steps(self.spec, "dev"), [])
+        (lint,) = runtime.build_steps(self.spec, "prod")
+        self.assertEqual(lint.argv[2:], ["php-lint", "/usr/bin/php", "public/index.php",
+                                         "views/layout.php"])
+        self.assertEqual(lint.cwd, self.spec.directory)
+
+    def test_without_the_php_cli_nothing_is_linted(self) -> None:
+        self.patch(self.php, "find_php_cli", lambda: None)
+        self.assertEqual(self.php.PhpRuntime().build_steps(self.spec, "prod"), [])
+
+    def test_the_lint_helper_fails_on_a_syntax_error(self) -> None:
+        php = self.php.find_php_cli()
+        if php is None:
+            raise unittest.SkipTest("no PHP CLI installed")
+        d = self.spec.directory
+        write(os.path.join(d, "public", "broken.php"), "<?php echo 'x'\n$y = ;\n")
+        good, bad = os.path.join(d, "public", "index.php"), os.path.join(d, "public", "broken.php")
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.assertEqual(buildhelper.php_lint(php, [good]), 0)
+        self.assertEqual(buildhelper.php_lint(php, [good, bad]), 1)
+        self.assertIn("syntax error", out.getvalue())
+        self.assertIn("1 of 2 files without syntax errors", out.getvalue())
 
 
 class GoBuildEnvTests(unittest.TestCase):

@@ -53,12 +53,12 @@ class Launch:
     files: tuple[str, ...] = ()
 
 
-_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "buildhelper.py")
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "buildhelper.py")
 
 
 def helper_step(cwd: str, *args: str) -> BuildStep:
     """A build step running buildhelper.py (see there) with the supervisor's interpreter."""
-    return BuildStep([sys.executable, _HELPER] + list(args), cwd)
+    return BuildStep([sys.executable, HELPER] + list(args), cwd)
 
 
 class Runtime:
@@ -68,8 +68,9 @@ class Runtime:
     probe: Probe = HTTP_PROBE
     stop_signal: int = signal.SIGTERM  # the worker contract: finish in-flight requests, exit
 
-    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
-        """Commands that turn sources into something runnable (empty: nothing to build)."""
+    def build_steps(self, spec: WorkerSpec, mode: str = "dev") -> list[BuildStep]:
+        """Commands that turn sources into something runnable in ``mode`` ("dev" | "prod"):
+        empty when there is nothing to build or the output is up to date."""
         return []
 
     def run_argv(self, spec: WorkerSpec, port: int) -> list[str]:

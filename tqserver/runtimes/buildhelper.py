@@ -6,6 +6,7 @@ reactor and a failed or cancelled build leaves nothing half-done.
     python buildhelper.py stamp PATH TEXT
     python buildhelper.py install-jar SOURCE DEST [STAMP DIGEST]
     python buildhelper.py pyproject-requirements PYPROJECT OUT
+    python buildhelper.py php-lint PHP FILE...
 
 Standard library only: it runs as a script, without tqserver on the path.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 # Jars a build tool produces that are not the runnable application.
@@ -95,6 +97,19 @@ def install_jar(
         stamp(stamp_path, digest or "")
 
 
+def php_lint(php: str, files: list[str]) -> int:
+    """``php -l`` on each file (PHP before 8.3 lints only the first file it is given);
+    prints the errors, exit status 1 if any file has one."""
+    bad = 0
+    for path in files:
+        run = subprocess.run([php, "-n", "-l", path], capture_output=True, text=True)
+        if run.returncode != 0:
+            bad += 1
+            print((run.stdout + run.stderr).strip())
+    print(f"php -l: {len(files) - bad} of {len(files)} files without syntax errors")
+    return 1 if bad else 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "touch":
         touch(argv[1])
@@ -108,6 +123,8 @@ def main(argv: list[str]) -> int:
     if len(argv) in (3, 5) and argv[0] == "install-jar":
         install_jar(*argv[1:])
         return 0
+    if len(argv) >= 2 and argv[0] == "php-lint":
+        return php_lint(argv[1], argv[2:])
     print(__doc__, file=sys.stderr)
     return 2
 

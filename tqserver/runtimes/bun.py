@@ -1,9 +1,11 @@
-"""Bun workers: ``bun install`` when package.json or the lockfile changed since the last
-successful install, then ``bun run <bun.entrypoint>`` with ``bun.env`` in the environment.
+"""Bun workers: ``bun install`` (prod: ``bun install --production``, no devDependencies)
+when package.json or the lockfile changed since the last successful install, then
+``bun run <bun.entrypoint>`` with ``bun.env`` in the environment.
 
 The last successful install is remembered by a stamp file in node_modules/, whose mtime
-is compared with package.json's and the lockfile's: stat calls only, so deciding costs the
-reactor nothing, and an unchanged worker is swapped without waiting for bun.
+is compared with package.json's and the lockfile's and which names the kind of install
+(a dev install is not a production one): stat calls and one small read, so deciding costs
+the reactor nothing, and an unchanged worker is swapped without waiting for bun.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import os
 
 from tqserver.config.discovery import WorkerSpec
-from tqserver.runtimes import BuildStep, Runtime, ToolchainMissing, find_tool, helper_step
+from tqserver.runtimes import BuildStep, Runtime, ToolchainMissing, find_tool
+from tqserver.runtimes.stamps import read_stamp, stamp_step
 
 INSTALL_HINT = (
     "Bun is not installed (not on PATH nor in npm's global bin): "
@@ -64,6 +67,11 @@ def _mtime(path: str) -> int | None:
         return None
 
 
+def install_kind(mode: str) -> str:
+    """What the stamp of an install in ``mode`` says."""
+    return "production" if mode == "prod" else "development"
+
+
 class BunRuntime(Runtime):
     type = "bun"
 
@@ -83,9 +91,10 @@ class BunRuntime(Runtime):
                 return path
         return None
 
-    def install_needed(self, spec: WorkerSpec) -> bool:
+    def install_needed(self, spec: WorkerSpec, mode: str = "dev") -> bool:
         """package.json exists and node_modules is missing, or the stamp of the last
-        successful install is missing or not newer than package.json and the lockfile."""
+        successful install is missing, of the other mode, or not newer than package.json
+        and the lockfile."""
         d = spec.directory
         manifest = _mtime(os.path.join(d, "package.json"))
         if manifest is None:
@@ -93,20 +102,22 @@ class BunRuntime(Runtime):
         if not os.path.isdir(os.path.join(d, "node_modules")):
             return True
         stamp = _mtime(os.path.join(d, STAMP))
-        if stamp is None:
+        if stamp is None or read_stamp(os.path.join(d, STAMP)) != install_kind(mode):
             return True
         lock = self.lockfile(spec)
         newest = max(manifest, _mtime(lock) or 0) if lock else manifest
         # ">=": mtimes tick coarsely; an edit in the same tick as the stamp must count.
         return newest >= stamp
 
-    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
+    def build_steps(self, spec: WorkerSpec, mode: str = "dev") -> list[BuildStep]:
         bun = self.bun()  # also checked when there is nothing to install: run needs it
-        if not self.install_needed(spec):
+        if not self.install_needed(spec, mode):
             return []
+        argv = [bun, "install"] + (["--production"] if mode == "prod" else [])
+        stamp = os.path.join(spec.directory, STAMP)
         return [
-            BuildStep([bun, "install"], spec.directory),
-            helper_step(spec.directory, "touch", os.path.join(spec.directory, STAMP)),
+            BuildStep(argv, spec.directory),
+            stamp_step(spec.directory, stamp, install_kind(mode)),
         ]
 
     def run_argv(self, spec: WorkerSpec, port: int) -> list[str]:

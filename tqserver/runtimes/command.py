@@ -17,7 +17,7 @@ def substitute(text: str, port: int) -> str:
 class CommandRuntime(Runtime):
     type = "command"
 
-    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
+    def build_steps(self, spec: WorkerSpec, mode: str = "dev") -> list[BuildStep]:
         """Nothing to build; but say so now, on the build-error page, when the command
         cannot run at all, rather than retrying a process that can never start."""
         argv = spec.config.command

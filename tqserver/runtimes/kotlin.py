@@ -9,9 +9,7 @@ costs several seconds) when the supervisor restarts or reloads. Delete bin/ to f
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterable
 
 from tqserver.config.discovery import WorkerSpec
 from tqserver.runtimes import (
@@ -23,6 +21,7 @@ from tqserver.runtimes import (
     find_tool,
     helper_step,
 )
+from tqserver.runtimes.stamps import inputs_digest, is_fresh, walk_files
 
 JAVA_HINT = (
     "Java is not installed: install a JDK (apt-get install default-jdk-headless, "
@@ -48,40 +47,6 @@ BUILD_FILES = GRADLE_FILES + (
     "gradle.properties",
     "pom.xml",
 )
-_OUTPUT_DIRS = {"bin", "build", "target", "out", "node_modules", "logs"}
-
-
-def _walk_files(root: str, paths: Iterable[str]) -> list[str]:
-    """The files under ``paths`` (files or directories), skipping build outputs."""
-    found = []
-    for path in paths:
-        if os.path.isfile(path):
-            found.append(path)
-            continue
-        for parent, dirs, files in os.walk(path):
-            dirs[:] = [n for n in dirs if not n.startswith(".") and n not in _OUTPUT_DIRS]
-            found.extend(os.path.join(parent, n) for n in files)
-    return sorted(found)
-
-
-def fingerprint(root: str, kind: str, files: Iterable[str]) -> str:
-    """A digest of the build inputs' names, sizes and mtimes, and of the build kind."""
-    h = hashlib.sha256(kind.encode())
-    for path in files:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        h.update(f"\0{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 class KotlinRuntime(Runtime):
@@ -136,11 +101,7 @@ class KotlinRuntime(Runtime):
         return os.path.join(spec.directory, "bin", f".{binary_name(spec)}.jar.inputs")
 
     def sources(self, spec: WorkerSpec) -> list[str]:
-        return [
-            p
-            for p in _walk_files(spec.directory, [os.path.join(spec.directory, "src")])
-            if p.endswith(".kt")
-        ]
+        return [p for p in walk_files([os.path.join(spec.directory, "src")]) if p.endswith(".kt")]
 
     def build_inputs(self, spec: WorkerSpec) -> list[str]:
         d = spec.directory
@@ -152,14 +113,11 @@ class KotlinRuntime(Runtime):
         """Whether bin/<name>.jar was built from the inputs as they are now, and their
         digest (recorded next to the jar by a successful build)."""
         kind = self.build_kind(spec)
-        digest = fingerprint(
-            spec.directory, kind, _walk_files(spec.directory, self.build_inputs(spec))
-        )
-        fresh = os.path.isfile(self.artifact(spec)) and _read(self.stamp(spec)) == digest
-        return fresh, digest
+        digest = inputs_digest(spec.directory, kind, walk_files(self.build_inputs(spec)))
+        return is_fresh(self.artifact(spec), self.stamp(spec), digest), digest
 
     # -- build and run -----------------------------------------------------------------
-    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
+    def build_steps(self, spec: WorkerSpec, mode: str = "dev") -> list[BuildStep]:
         self.java()  # needed to build and to run: say so before anything else
         fresh, digest = self.up_to_date(spec)
         if fresh:

@@ -1,8 +1,9 @@
 """PHP workers: one php-fpm master per instance, from a config generated under run/php/.
 
-php-fpm reads the scripts in public/ on every request, so there is nothing to build; the
-proxy speaks FastCGI to the pool (fastcgi_forward.py) and probes it through php-fpm's own
-ping path, which answers without running any PHP code.
+php-fpm reads the scripts in public/ on every request, so there is nothing to compile; a
+prod build lints every script (``php -l``) so that a syntax error fails the deploy and the
+previous pool keeps serving. The proxy speaks FastCGI to the pool (fastcgi/forward.py) and
+probes it through php-fpm's own ping path, which answers without running any PHP code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ import shutil
 import signal
 
 from tqserver.config.discovery import WorkerSpec
-from tqserver.runtimes import CannotBuild, Launch, Probe, Runtime, ToolchainMissing
+from tqserver.runtimes import (
+    BuildStep,
+    CannotBuild,
+    Launch,
+    Probe,
+    Runtime,
+    ToolchainMissing,
+    find_tool,
+    helper_step,
+)
+from tqserver.runtimes.stamps import walk_files
 
 INSTALL_HINT = "install php-fpm (apt-get install php-fpm, or bin/install-toolchains --only php)"
 PING_PATH = "/fpm-ping"
@@ -42,6 +53,20 @@ def find_php_fpm() -> str | None:
             m = _VERSIONED.search(os.path.basename(path))
             if m and os.access(path, os.X_OK):
                 versioned.append(((int(m.group(1)), int(m.group(2) or 0)), path))
+    return max(versioned)[1] if versioned else None
+
+
+def find_php_cli() -> str | None:
+    """The PHP command-line binary (``php``, Debian's ``php8.2``...), for linting."""
+    found = find_tool("php")
+    if found:
+        return found
+    versioned = []
+    for d in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
+        for path in glob.glob(os.path.join(glob.escape(d or "."), "php[0-9]*")):
+            m = re.search(r"php(\d+)\.(\d+)$", os.path.basename(path))
+            if m and os.access(path, os.X_OK):
+                versioned.append(((int(m.group(1)), int(m.group(2))), path))
     return max(versioned)[1] if versioned else None
 
 
@@ -177,12 +202,18 @@ class PhpRuntime(Runtime):
             raise CannotBuild(f"php.config_file {spec.config.php.config_file}: no such file")
         return path
 
-    def build_steps(self, spec: WorkerSpec) -> list:
-        """Nothing to build; but a missing php-fpm or php.ini fails the worker here, once,
-        with what to install, instead of at every restart."""
+    def build_steps(self, spec: WorkerSpec, mode: str = "dev") -> list[BuildStep]:
+        """Nothing to compile; but a missing php-fpm or php.ini fails the worker here, once,
+        with what to install, instead of at every restart. Prod: lint every script with the
+        PHP CLI (when it is installed; php-fpm alone serves without it)."""
         self.binary(spec)
         self.ini_file(spec)
-        return []
+        php = find_php_cli()
+        scripts = [p for p in walk_files(self.build_inputs(spec)) if p.endswith(".php")]
+        if mode != "prod" or php is None or not scripts:
+            return []
+        rel = [os.path.relpath(p, spec.directory) for p in scripts]
+        return [helper_step(spec.directory, "php-lint", php, *rel)]
 
     def build_inputs(self, spec: WorkerSpec) -> list[str]:
         d = spec.directory

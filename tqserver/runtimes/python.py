@@ -19,7 +19,7 @@ import sys
 
 from tqserver.config.discovery import WorkerSpec
 from tqserver.runtimes import (
-    _HELPER,
+    HELPER,
     BuildStep,
     Runtime,
     ToolchainMissing,
@@ -105,7 +105,7 @@ class PythonRuntime(Runtime):
         except OSError:
             return None
 
-    def build_steps(self, spec: WorkerSpec) -> list[BuildStep]:
+    def build_steps(self, spec: WorkerSpec, mode: str = "dev") -> list[BuildStep]:
         interpreter = self.interpreter(spec)  # checked even with nothing to install
         manifest = self.manifest(spec)
         if manifest is None:
@@ -141,7 +141,7 @@ class PythonRuntime(Runtime):
             if manifest.endswith(".toml"):
                 listed = os.path.join(venv, ".tqserver-requirements.txt")
                 steps.append(
-                    BuildStep([venv_python, _HELPER, "pyproject-requirements", manifest, listed], d)
+                    BuildStep([venv_python, HELPER, "pyproject-requirements", manifest, listed], d)
                 )
                 manifest = listed
             pip = [venv_python, "-m", "pip", "install", "--disable-pip-version-check"]

@@ -52,6 +52,16 @@ class _Collector(ProcessProtocol):
         return text
 
 
+def plan(runtime, spec, mode: str) -> tuple[list[BuildStep], dict[str, str]]:
+    """What building ``spec`` in ``mode`` takes: the runtime's steps (empty when the output
+    is up to date) and their environment. Raises CannotBuild. The supervisor and the
+    ahead-of-time build (bin/build-dev, bin/build-prod) both build through this."""
+    steps = runtime.build_steps(spec, mode)
+    env = dict(os.environ)
+    env.update(runtime.build_env(spec, mode))
+    return steps, env
+
+
 def run_build(
     reactor, steps: list[BuildStep], base_env: dict[str, str] | None = None
 ) -> defer.Deferred:

@@ -17,7 +17,8 @@ from tqserver.config.discovery import WorkerSpec
 from tqserver.config.server import WorkersSection
 from tqserver.logs.files import FailSafeLog, resolve_template
 from tqserver.runtimes import CannotBuild, Runtime
-from tqserver.supervise.build import BuildResult, run_build
+from tqserver.supervise import build
+from tqserver.supervise.build import BuildResult
 from tqserver.supervise.events import PoolEvent
 from tqserver.supervise.fingerprint import Fingerprint
 from tqserver.supervise.instance import Instance, InstanceState
@@ -367,7 +368,7 @@ class WorkerPool(Rotation, Service):
 
     async def _build(self, reason: str) -> bool:
         try:
-            steps = self.runtime.build_steps(self.spec)
+            steps, base_env = build.plan(self.runtime, self.spec, self.ctx.mode)
         except CannotBuild as e:
             log.error("{worker}: {error}", worker=self.name, error=str(e))
             self._fail(str(e), build_output=str(e))
@@ -376,9 +377,7 @@ class WorkerPool(Rotation, Service):
             self.build_error = None  # nothing to build (any more): an old error is stale
             return True
         log.info("building {worker} ({reason})", worker=self.name, reason=reason)
-        base_env = dict(os.environ)
-        base_env.update(self.runtime.build_env(self.spec, self.ctx.mode))
-        self._build_d = run_build(self.ctx.reactor, steps, base_env)
+        self._build_d = build.run_build(self.ctx.reactor, steps, base_env)
         try:
             result: BuildResult = await self._build_d
         except defer.CancelledError:

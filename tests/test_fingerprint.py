@@ -87,9 +87,16 @@ class FingerprintTests(unittest.TestCase):
 
 
 class StubPool:
-    def __init__(self, changed):
+    def __init__(self, changed, serving=True, deploying=False):
         self._changed = changed
         self.deploys = []
+        self.serving = (object(),) if serving else ()
+        self.deploying = deploying
+        self.revision = "r1"
+        self.forgotten = False
+
+    def forget_failed_deploy(self):
+        self.forgotten = True
 
     def changed_on_disk(self):
         return self._changed
@@ -101,9 +108,13 @@ class StubPool:
 class ReloadDecisionTests(unittest.TestCase):
     """Supervisor.reload with pools whose disk state is given."""
 
-    def reload(self, pools, everything=False):
+    def reload(self, pools, everything=False, revision="r1"):
         from tqserver.supervise.supervisor import Supervisor
         sup = Supervisor.__new__(Supervisor)
+        sup.root = self.mktemp()
+        os.makedirs(sup.root)
+        with open(os.path.join(sup.root, "REVISION"), "w") as f:
+            f.write(revision + "\n")
         sup.pools = pools
         sup.reload_config = lambda: None
         sup.sync_workers = lambda: {}
@@ -118,7 +129,26 @@ class ReloadDecisionTests(unittest.TestCase):
         self.assertEqual(pools["b"].deploys, [("SIGHUP: sources changed", True)])
         self.assertEqual(pools["c"].deploys, [("SIGHUP: artifact changed", False)])
 
+    def test_unchanged_serving_workers_take_the_new_revision_at_once(self) -> None:
+        pools = {"same": StubPool(None), "changed": StubPool("sources"),
+                 "failed": StubPool(None, serving=False), "busy": StubPool(None, deploying=True)}
+        self.reload(pools, revision="r2")
+        self.assertEqual({n: p.revision for n, p in pools.items()},
+                         {"same": "r2", "changed": "r1", "failed": "r1", "busy": "r1"})
+        self.assertEqual([n for n, p in pools.items() if p.forgotten], ["same"])
+
     def test_everything(self) -> None:
         pools = {"a": StubPool(None)}
         self.assertEqual(self.reload(pools, everything=True), {"a": "rebuilt"})
         self.assertEqual(pools["a"].deploys, [("SIGHUP", True)])
+
+
+class RevisionFileTests(unittest.TestCase):
+    def test_first_line_as_a_safe_token_or_empty(self) -> None:
+        from tqserver.supervise.revision import read_revision
+        root = self.mktemp()
+        os.makedirs(root)
+        self.assertEqual(read_revision(root), "")
+        with open(os.path.join(root, "REVISION"), "w") as f:
+            f.write("20250102T030405Z-abc1234 <script>\nsecond line\n")
+        self.assertEqual(read_revision(root), "20250102T030405Z-abc1234script")

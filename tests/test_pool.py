@@ -368,11 +368,34 @@ class BuildTests(PoolTestBase):
         self.assertEqual(self.pool.serving, (old,))
         self.assertIn("syntax error", self.pool.build_error)
         self.assertEqual(self.pool.status, "degraded")
+        self.pool.forget_failed_deploy()                    # the old code is back on disk
+        self.assertEqual((self.pool.error, self.pool.build_error), (None, None))
+        self.assertEqual(self.pool.status, "healthy")
         self.pool.deploy("source changed")                  # fixed: next good build
         self.compiler().exit(0)
         self.reactor.advance(0.1)
         self.assertIsNone(self.pool.build_error)
         self.assertIsNot(self.pool.serving[0], old)
+
+    def test_the_revision_is_the_one_on_disk_when_the_deploy_began_and_only_once_it_serves(self):
+        on_disk = {"revision": "r1"}
+        self.pool.ctx.revision = lambda: on_disk["revision"]
+        self.pool.startService()
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.pool.describe()["revision"], "r1")
+        on_disk["revision"] = "r2"
+        self.pool.deploy("SIGHUP")
+        on_disk["revision"] = "r3"                 # a newer release while r2 builds
+        self.assertEqual(self.pool.describe()["revision"], "r1")
+        self.assertTrue(self.pool.describe()["deploying"])
+        self.compiler().exit(1)                    # r2 does not build: r1 serves on
+        self.assertEqual(self.pool.revision, "r1")
+        self.assertFalse(self.pool.describe()["deploying"])
+        self.pool.deploy("SIGHUP")
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.pool.revision, "r3")
 
     def test_newer_change_supersedes_build_in_progress(self) -> None:
         self.pool.startService()

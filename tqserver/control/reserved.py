@@ -78,6 +78,7 @@ class Reserved(ReservedPaths):
     # -- /health ---------------------------------------------------------------------
     def health(self, request) -> None:
         status, body = health.aggregate(self.supervisor.pools.values(), self.watcher)
+        body["revision"] = self.supervisor.revision  # the release on disk (bin/deploy waits)
         respond_json(request, status, body)
 
     # -- /metrics --------------------------------------------------------------------

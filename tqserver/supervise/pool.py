@@ -56,6 +56,7 @@ class PoolContext:
     exited: Callable[[Instance], None] = lambda inst: None
     # Fires when no request is in flight on an instance anywhere (proxy processes included).
     idle: Callable[[Instance], defer.Deferred] = lambda inst: inst.idle()
+    revision: Callable[[], str] = lambda: ""  # the release on disk now (REVISION)
 
 
 class WorkerPool(Rotation, Service):
@@ -90,6 +91,7 @@ class WorkerPool(Rotation, Service):
         self._log_file: FailSafeLog | None = None
         self._build_d: defer.Deferred | None = None
         self.fingerprint: Fingerprint | None = None
+        self.revision: str | None = None  # the release the serving code came from
         self._deploy_started = 0.0
         self.last_swap_seconds: float | None = None  # deploy start -> new code serving
         self._last_busy = 0.0
@@ -262,6 +264,8 @@ class WorkerPool(Rotation, Service):
             "last_swap_seconds": (
                 None if self.last_swap_seconds is None else round(self.last_swap_seconds, 3)
             ),
+            "revision": self.revision,
+            "deploying": self.deploying,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -339,6 +343,7 @@ class WorkerPool(Rotation, Service):
     async def _deploy(self, reason: str, build: bool) -> bool:
         # Taken before building: an edit made during the build counts as newer.
         before = Fingerprint.take(self.spec, self.runtime)
+        revision = self.ctx.revision()
         if build:
             if not await self._build(reason):
                 return False
@@ -349,6 +354,7 @@ class WorkerPool(Rotation, Service):
             self.fingerprint = attrs.evolve(
                 before, artifact=Fingerprint.take(self.spec, self.runtime).artifact
             )
+            self.revision = revision
         return swapped
 
     def reconfigure(self, spec: WorkerSpec, runtime: Runtime) -> None:
@@ -359,6 +365,13 @@ class WorkerPool(Rotation, Service):
             self._log_file = None
         self.spec = spec
         self.runtime = runtime
+
+    def forget_failed_deploy(self) -> None:
+        """The code on disk is the serving code again (a release was rolled back): a build
+        or start of other code that failed is no longer pending, so no longer reported."""
+        if self.build_error is not None or self.start_error is not None:
+            self.error = self.build_error = self.start_error = None
+            self.ctx.changed(self, PoolEvent.ERROR)
 
     def changed_on_disk(self) -> str | None:
         """What changed since the serving code was deployed (see Fingerprint.difference)."""

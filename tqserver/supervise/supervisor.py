@@ -24,6 +24,7 @@ from tqserver.supervise.pool import PoolContext, WorkerPool
 from tqserver.supervise.ports import PortPool
 from tqserver.supervise.probe import Prober
 from tqserver.supervise.records import InstanceRecords
+from tqserver.supervise.revision import read_revision
 
 log = Logger()
 
@@ -76,6 +77,7 @@ class Supervisor(MultiService):
             on_result=self._probed,
         )
         self.checker.setServiceParent(self)
+        self.revision = read_revision(root)
         base_env = dict(os.environ)
         if public_url:
             base_env["TQSERVER_URL"] = public_url
@@ -91,6 +93,7 @@ class Supervisor(MultiService):
             started=self.records.record,
             exited=self.records.forget,
             idle=idle or Instance.idle,
+            revision=lambda: self.revision,
         )
 
     @property
@@ -256,6 +259,7 @@ class Supervisor(MultiService):
         changed sources, a restart for a deployed binary, views or config. With
         ``everything``, every worker is rebuilt and swapped."""
         log.info("reloading ({why})", why=why)
+        self.revision = read_revision(self.root)
         self.reload_config()
         actions = self.sync_workers()
         for name, pool in self.pools.items():
@@ -263,6 +267,9 @@ class Supervisor(MultiService):
                 continue
             what = "requested" if everything else pool.changed_on_disk()
             if what is None:
+                if pool.serving and not pool.deploying:
+                    pool.revision = self.revision  # the new release has the same code
+                    pool.forget_failed_deploy()
                 continue
             build = what in ("sources", "requested")
             pool.deploy(f"{why}: {what} changed" if what != "requested" else why, build=build)

@@ -16,8 +16,12 @@ from twisted.python import usage
 from tqserver.config.errors import ConfigError
 from tqserver.config.server import ServerConfig, default_server_config, load_server_config
 from tqserver.control.events import EventHub
+from tqserver.control.live import LiveStatus
+from tqserver.control.live_api import LiveAPI
 from tqserver.control.metrics import Metrics
 from tqserver.control.reserved import Reserved
+from tqserver.control.stream import StatusStream
+from tqserver.control.windows import RequestWindows
 from tqserver.fastcgi.client import FastCGIPool
 from tqserver.fastcgi.forward import forwarding as fastcgi_forwarding
 from tqserver.fleet.parent import ProxyFleet, RelayListener, RelaySite, proxy_process_count
@@ -261,29 +265,34 @@ def makeService(options: Options, reactor=None) -> TQServer:
         )
     metrics = Metrics(elsewhere=fleet.request_stats if fleet else lambda: ())
     events = EventHub(reactor)
+    windows = RequestWindows(reactor, metrics.request_stats)
+    stream = StatusStream(reactor)
     supervisor = Supervisor(
         reactor,
         root,
         options["config"],
         state,
         public_url=_public_url(options["listen"]),
-        listeners=[metrics.pool_changed, events.pool_changed]
+        listeners=[metrics.pool_changed, events.pool_changed, stream.pool_changed]
         + ([fleet.pool_changed] if fleet else []),
         config_listeners=[log_file_follows] + ([fleet.configure] if fleet else []),
         idle=fleet.idle if fleet else None,
     )
     supervisor.setServiceParent(top)
     events.setServiceParent(top)
+    windows.setServiceParent(top)
+    stream.setServiceParent(top)
     HangupReload(reactor, supervisor.reload).setServiceParent(top)
     watcher = None
     if mode == "dev":
         watcher = DevWatcher(reactor, supervisor, supervisor.apply_changes)
         watcher.setServiceParent(top)
+    stream.live = LiveStatus(supervisor, windows, watcher)
     fastcgi = FastCGIPool(reactor)
     front = Front(
         state,
         reactor,
-        reserved=Reserved(supervisor, metrics, events, watcher),
+        reserved=Reserved(supervisor, metrics, events, LiveAPI(stream.live, stream), watcher),
         forwards={"php": fastcgi_forwarding(fastcgi)},
     )
     fastcgi.setServiceParent(front)

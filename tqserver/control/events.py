@@ -52,7 +52,7 @@ class EventHub(Service):
     def publish(self, kind: str, worker: str) -> None:
         self.published += 1
         data = b"data: " + json.dumps({"type": kind, "worker": worker}).encode() + b"\n\n"
-        self._send(data)
+        self.send(data)
 
     def _ping(self) -> None:
         if not self.clients:
@@ -60,9 +60,10 @@ class EventHub(Service):
                 self._heartbeat.stop()
             self._heartbeat = None
             return
-        self._send(b": ping\n\n")
+        self.send(b": ping\n\n")
 
-    def _send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
+        """Write ``data`` (whole server-sent events) to every open stream."""
         for request in list(self.clients):
             if request.finished or request.disconnected:
                 self.clients.discard(request)

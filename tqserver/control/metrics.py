@@ -145,7 +145,7 @@ class Metrics:
         GCCollector(registry=r)
         self.requests = RequestStats()  # answered by this process
         self.elsewhere = elsewhere
-        r.register(RequestCollector(lambda: [self.requests, *self.elsewhere()]))
+        r.register(RequestCollector(self.request_stats))
         r.register(DroppedLogLinesCollector())
         self.in_flight = Gauge(
             "tqserver_requests_in_flight", "Requests in flight", ["worker"], registry=r
@@ -174,6 +174,10 @@ class Metrics:
         self.health_checks = Counter(
             "tqserver_health_checks", "Health probes", ["worker", "result"], registry=r
         )
+
+    def request_stats(self) -> list[RequestStats]:
+        """Every process's cumulative request counts: this one's and the proxy processes'."""
+        return [self.requests, *self.elsewhere()]
 
     def observe_request(self, worker: str, code: int, seconds: float) -> None:
         self.requests.observe_request(worker, code, seconds)

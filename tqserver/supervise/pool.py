@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from tqserver.config.discovery import WorkerSpec
 from tqserver.config.server import WorkersSection
 from tqserver.logs.files import FailSafeLog, resolve_template
+from tqserver.logs.tail import LogTail
 from tqserver.runtimes import CannotBuild, Runtime
 from tqserver.supervise import build
 from tqserver.supervise.build import BuildResult
@@ -89,6 +90,7 @@ class WorkerPool(Rotation, Service):
         self._queue_waiters: list[defer.Deferred] = []
         self._serving_waiters: list[defer.Deferred] = []
         self._log_file: FailSafeLog | None = None
+        self.log_tail = LogTail()  # its last output lines (status page, tqserver logs)
         self._build_d: defer.Deferred | None = None
         self.fingerprint: Fingerprint | None = None
         self.revision: str | None = None  # the release the serving code came from
@@ -670,6 +672,7 @@ class WorkerPool(Rotation, Service):
         return env
 
     def _write_output(self, data: bytes) -> None:
+        self.log_tail.feed(data)
         if self._log_file is None:
             path = resolve_template(self.spec.config.log_file, self.ctx.root, self.name)
             if path is not None:

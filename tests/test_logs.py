@@ -4,6 +4,7 @@ writes never sees an exception. The full disk is /dev/full (every write: ENOSPC)
 from __future__ import annotations
 
 import io
+import time
 import os
 
 from twisted.logger import LogLevel
@@ -100,3 +101,68 @@ class ServerLogTests(unittest.TestCase):
         self.assertEqual(said.count("tqserver: server log: cannot write"), 1)
         self.assertEqual(said.count("line "), 3)   # the console still gets every line
         self.assertIn("Is a directory", observer.file_error)
+
+
+class ModeAndRetentionTests(unittest.TestCase):
+    """Every log file gets server.log_file_mode whatever the umask (twistd's daemon mode
+    sets 077: worker logs were 0600), and {date} files past log_retention_days go."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.files = files.LogFiles()
+
+    def test_mode_whatever_the_umask(self) -> None:
+        old = os.umask(0o077)
+        self.addCleanup(os.umask, old)
+        log = files.DatedLogFile(os.path.join(self.dir, "w_{date}.log"), files=self.files)
+        self.addCleanup(log.close)
+        log.write(b"x\n")
+        self.assertEqual(os.stat(log.path).st_mode & 0o777, 0o640)
+        self.files.configure(0o644, 0)
+        other = files.DatedLogFile(os.path.join(self.dir, "other.log"), files=self.files)
+        self.addCleanup(other.close)
+        other.write(b"x\n")
+        self.assertEqual(os.stat(other.path).st_mode & 0o777, 0o644)
+
+    def test_reopen_writes_to_a_file_of_the_name(self) -> None:
+        path = os.path.join(self.dir, "app.log")
+        log = files.DatedLogFile(path, files=self.files)
+        self.addCleanup(log.close)
+        log.write(b"one\n")
+        os.rename(path, path + ".1")            # logrotate
+        log.write(b"two\n")                     # before the signal: the moved file
+        self.assertEqual(self.files.reopen(), 1)
+        log.write(b"three\n")
+        self.assertEqual(open(path + ".1", "rb").read(), b"one\ntwo\n")
+        self.assertEqual(open(path, "rb").read(), b"three\n")
+
+    def test_retention_days(self) -> None:
+        template = os.path.join(self.dir, "tq_{date}.log")
+        for name in ["tq_2026-11-20.log", "tq_2026-11-26.log", "tq_2026-11-27.log",
+                     "tq_2026-12-01.log", "tq_2026-11-01.log.gz", "other_2026-01-01.log"]:
+            open(os.path.join(self.dir, name), "w").close()
+        now = time.mktime((2026, 12, 2, 10, 0, 0, 0, 0, -1))
+        self.files.configure(0o640, 6)          # today and the five days before
+        log = files.DatedLogFile(template, clock=lambda: now, files=self.files)
+        self.addCleanup(log.close)
+        log.write(b"x\n")
+        self.assertEqual(sorted(os.listdir(self.dir)),
+                         ["other_2026-01-01.log", "tq_2026-11-01.log.gz", "tq_2026-11-27.log",
+                          "tq_2026-12-01.log", "tq_2026-12-02.log"])
+
+    def test_config_keys(self) -> None:
+        from tqserver.config.errors import ConfigError
+        from tqserver.config.server import load_server_config
+        path = os.path.join(self.dir, "server.yaml")
+        with open(path, "w") as f:
+            f.write('server:\n  log_file_mode: "0644"\n  log_retention_days: 7\n')
+        config, _ = load_server_config(path)
+        self.assertEqual((config.server.log_file_mode, config.server.log_retention_days),
+                         (0o644, 7))
+        with open(path, "w") as f:
+            f.write("server:\n  log_file_mode: 0644\n")
+        with self.assertRaises(ConfigError) as e:
+            load_server_config(path)
+        self.assertIn('server.yaml:2:18: server.log_file_mode: expected an octal mode such as "0640"',
+                      str(e.exception))

@@ -26,8 +26,9 @@ from tqserver.fastcgi.client import FastCGIPool
 from tqserver.fastcgi.forward import forwarding as fastcgi_forwarding
 from tqserver.fleet.parent import ProxyFleet, RelayListener, RelaySite, proxy_process_count
 from tqserver.heap import freeze_startup_heap
-from tqserver.logs.files import resolve_template
+from tqserver.logs.files import LOG_FILES, resolve_template
 from tqserver.logs.observer import ServerLogObserver
+from tqserver.logs.reopen import ReopenLogs
 from tqserver.proxy.access_log import AccessLog
 from tqserver.proxy.front import Front
 from tqserver.proxy.site import ProxySite
@@ -242,6 +243,7 @@ def makeService(options: Options, reactor=None) -> TQServer:
     root = options["root"]
     mode = options["mode"]
     config: ServerConfig = options["server_config"]
+    LOG_FILES.configure(config.server.log_file_mode, config.server.log_retention_days)
     observer = ServerLogObserver(
         quiet=options["quiet"], file_template=resolve_template(config.server.log_file, root)
     )
@@ -250,6 +252,7 @@ def makeService(options: Options, reactor=None) -> TQServer:
         log.warn("{warning}", warning=str(warning))
 
     def log_file_follows(new: ServerConfig) -> None:
+        LOG_FILES.configure(new.server.log_file_mode, new.server.log_retention_days)
         observer.set_file(resolve_template(new.server.log_file, root))
 
     state = ProxyState(mode, config)
@@ -283,6 +286,7 @@ def makeService(options: Options, reactor=None) -> TQServer:
     windows.setServiceParent(top)
     stream.setServiceParent(top)
     HangupReload(reactor, supervisor.reload).setServiceParent(top)
+    ReopenLogs(reactor, also=[fleet.reopen_logs] if fleet else []).setServiceParent(top)
     watcher = None
     if mode == "dev":
         watcher = DevWatcher(reactor, supervisor, supervisor.apply_changes)

@@ -140,6 +140,14 @@ def _log_file(value, ctx, key, pos):
     return _str()(value, ctx, key, pos)
 
 
+def _file_mode(value, ctx, key, pos):
+    """An octal permission mode written as a string ("0640"): YAML reads an unquoted 0640
+    as the decimal 640."""
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        return int(value, 8)
+    raise ctx.error(key, pos, f'expected an octal mode such as "0640", got {_describe(value)}')
+
+
 def _enabled(value, ctx, key, pos):
     if isinstance(value, bool):
         return value

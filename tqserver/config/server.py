@@ -11,6 +11,7 @@ from tqserver.config.fields import (
     _bool,
     _build,
     _f,
+    _file_mode,
     _float,
     _int,
     _load,
@@ -36,6 +37,8 @@ class ServerSection:
     write_timeout_seconds: float = _f(30.0, _float())
     idle_timeout_seconds: float = _f(120.0, _float())
     log_file: str | None = _f("logs/tqserver_{date}.log", _log_file)
+    log_file_mode: int = _f(0o640, _file_mode)  # every log file this server creates
+    log_retention_days: int = _f(0, _int(0))  # {date} files older are deleted; 0: kept
     access_log: bool = _f(True, _bool)
     max_body_bytes: int = _f(104857600, _size)
     trusted_proxies: tuple[str, ...] = _f((), _str_list())

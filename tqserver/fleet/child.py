@@ -41,7 +41,8 @@ from tqserver.fleet.protocol import (
     WorkerOutput,
 )
 from tqserver.heap import freeze_startup_heap
-from tqserver.logs.files import resolve_template
+from tqserver.logs.files import LOG_FILES, resolve_template
+from tqserver.logs.reopen import ReopenLogs
 from tqserver.logs.observer import ServerLogObserver
 from tqserver.proxy.access_log import AccessLog
 from tqserver.proxy.forward import Forward
@@ -190,7 +191,9 @@ class ProxyProcess(QuietAMP):
         shared = self.shared
         shared.config, shared.mode = settings.config, settings.mode
         self.relay_port, self.relay_secret = settings.relay_port, settings.relay_secret
-        self.observer.set_file(resolve_template(settings.config.server.log_file, settings.root))
+        server = settings.config.server
+        LOG_FILES.configure(server.log_file_mode, server.log_retention_days)
+        self.observer.set_file(resolve_template(server.log_file, settings.root))
         relay_spec = WorkerSpec(
             name="tqserver",
             directory=settings.root,
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM here after it.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.callWhenRunning(signal.signal, signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR1 (passed on by the supervisor after a log rotation): reopen the server log.
+    ReopenLogs(reactor).startService()
     reactor.run()
 
 

@@ -286,6 +286,12 @@ class ProxyFleet(MultiService):
             child, sys.executable, argv, env=env, path=self.root, childFDs=fds
         )
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 reached the supervisor: each proxy process reopens its log files too."""
+        for child in self.children.values():
+            if child.connected:
+                child._signal("USR1")
+
     def child_started(self, child: ProxyChild) -> None:
         child.call(Configure, settings=self._settings())
         child.call(Publish, version=self._version, pools=self.snapshot())

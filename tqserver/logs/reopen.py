@@ -1,0 +1,56 @@
+"""SIGUSR1 reopens every log file, twistd's convention for log rotation: logrotate moves
+the files away (``create`` makes new empty ones), its ``postrotate`` sends SIGUSR1, and
+the next line goes to a file of the configured name. Lines written between the move and
+the signal are in the moved file: none is lost."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from tqserver.logs.files import LOG_FILES, LogFiles
+
+log = Logger()
+
+
+class ReopenLogs(Service):
+    """Installs the SIGUSR1 handler (without it the signal's default action would kill the
+    process and orphan its workers). ``also`` are told too: the supervisor passes the
+    signal on to its proxy processes, which write the server log themselves."""
+
+    name = "reopen-logs"
+
+    def __init__(
+        self,
+        reactor,
+        files: LogFiles = LOG_FILES,
+        also: Sequence[Callable[[], object]] = (),
+    ) -> None:
+        self.reactor = reactor
+        self.files = files
+        self.also = list(also)
+        self._previous: Any = None  # the handler before ours (signal.signal's answer)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self.reactor.callFromThread(self.reopen)
+
+    def reopen(self) -> None:
+        count = self.files.reopen()
+        for tell in self.also:
+            tell()
+        # The first line of the new server log (the file reopens for it).
+        log.info("SIGUSR1: reopened {count} log files", count=count)

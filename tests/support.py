@@ -121,7 +121,10 @@ class TwistdProcess(protocol.ProcessProtocol):
 
 
 def spawn_twistd(project: Project, *args: str, daemon: bool = False,
-                 env: Optional[Dict[str, str]] = None) -> TwistdProcess:
+                 env: Optional[Dict[str, str]] = None, make_dirs: bool = True,
+                 prefix: Optional[List[str]] = None) -> TwistdProcess:
+    """``make_dirs``: run/ and logs/ made first (False: as on a fresh clone); ``prefix``:
+    a command twistd runs under (prlimit ...)."""
     proto = TwistdProcess()
     child_env = dict(os.environ)
     # Only the code under test: under `trial -j`, PYTHONPATH holds this interpreter's whole
@@ -131,13 +134,14 @@ def spawn_twistd(project: Project, *args: str, daemon: bool = False,
     if go:
         child_env["PATH"] = os.path.dirname(go) + os.pathsep + child_env.get("PATH", "")
     child_env.update({k: v for k, v in (env or {}).items() if k != "PYTHONPATH"})
-    argv = twistd_argv()
+    argv = list(prefix or []) + twistd_argv()
     argv += (["--pidfile", os.path.join(project.root, "run", "tqserver.pid"),
               "--logfile", os.path.join(project.root, "logs", "twistd.log")] if daemon
              else ["-n", "--pidfile", ""])
     argv += ["tqserver", "--root", project.root] + list(args)
-    os.makedirs(os.path.join(project.root, "run"), exist_ok=True)
-    os.makedirs(os.path.join(project.root, "logs"), exist_ok=True)
+    if make_dirs:
+        os.makedirs(os.path.join(project.root, "run"), exist_ok=True)
+        os.makedirs(os.path.join(project.root, "logs"), exist_ok=True)
     reactor.spawnProcess(proto, argv[0], argv, env=child_env, path=project.root)
     return proto
 

@@ -26,6 +26,7 @@ from tqserver.fastcgi.client import FastCGIPool
 from tqserver.fastcgi.forward import forwarding as fastcgi_forwarding
 from tqserver.fleet.parent import ProxyFleet, RelayListener, RelaySite, proxy_process_count
 from tqserver.heap import freeze_startup_heap
+from tqserver.limits import raise_open_files_limit
 from tqserver.logs.files import LOG_FILES, resolve_template
 from tqserver.logs.observer import ServerLogObserver
 from tqserver.logs.reopen import ReopenLogs
@@ -108,10 +109,30 @@ class Options(usage.Options):
                         f"--listen {description}: server.proxy_processes > 1 shares "
                         "TCP listening sockets only (tcp: or tcp6: endpoints)"
                     )
+        self["twistd_logfile"] = self._prepare_twistd_files()
         if self["reload"]:
             if self["mode"] != "dev":
                 raise fatal("--reload is for dev mode only")
             start_self_reloader()
+
+    def _prepare_twistd_files(self) -> str | None:
+        """twistd's --pidfile and --logfile: their directories made (a fresh clone has no
+        run/ nor logs/; twistd failed writing the pidfile). The --logfile of a daemon
+        becomes the server log, so that twistd's "look at log file" on a failed start
+        points at the file holding the traceback; None when there is none."""
+        parent = self.parent
+        if parent is None:
+            return None
+        logfile = parent.get("logfile")
+        for path in (parent.get("pidfile"), logfile):
+            if path and path != "-":
+                try:
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                except OSError as e:
+                    raise fatal(f"cannot create the directory of {path}: {e.strerror}")
+        if logfile and logfile != "-" and not parent.get("nodaemon"):
+            return os.path.abspath(logfile)
+        return None
 
     def _load_config(self, explicit: bool):
         path = self["config"]
@@ -244,16 +265,19 @@ def makeService(options: Options, reactor=None) -> TQServer:
     mode = options["mode"]
     config: ServerConfig = options["server_config"]
     LOG_FILES.configure(config.server.log_file_mode, config.server.log_retention_days)
-    observer = ServerLogObserver(
-        quiet=options["quiet"], file_template=resolve_template(config.server.log_file, root)
-    )
+    twistd_logfile = options.get("twistd_logfile")
+
+    def server_log(c: ServerConfig) -> str | None:
+        return twistd_logfile or resolve_template(c.server.log_file, root)
+
+    observer = ServerLogObserver(quiet=options["quiet"], file_template=server_log(config))
     top = TQServer(observer, reactor)
     for warning in options["warnings"]:
         log.warn("{warning}", warning=str(warning))
 
     def log_file_follows(new: ServerConfig) -> None:
         LOG_FILES.configure(new.server.log_file_mode, new.server.log_retention_days)
-        observer.set_file(resolve_template(new.server.log_file, root))
+        observer.set_file(server_log(new))
 
     state = ProxyState(mode, config)
     fleet = None
@@ -310,6 +334,13 @@ def makeService(options: Options, reactor=None) -> TQServer:
             # strports.service: a port that cannot be bound stops the start, not just logs
             strports.service(description, site, reactor=reactor).setServiceParent(front)
     reactor.callWhenRunning(freeze_startup_heap)
+    before, soft, hard = raise_open_files_limit()
+    log.info(
+        "open files limit (RLIMIT_NOFILE): {soft} (soft, was {before}), {hard} (hard)",
+        soft=soft,
+        before=before,
+        hard=hard,
+    )
     log.info(
         "TQServer starting in {mode} mode, root {root}, listening on {listen}",
         mode=mode,

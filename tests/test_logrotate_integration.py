@@ -50,10 +50,6 @@ class LogrotateTests(IntegrationBase):
 
     async def _rotation(self):
         project = self.make_project()
-        config = os.path.join(project.root, "etc", "server.yaml")
-        with open(config) as f:
-            text = f.read().replace("tqserver_{date}.log", "tqserver.log")
-        project.write("etc/server.yaml", text)
         project.write("workers/app/src/main.py", NOISY_WORKER)
         project.write("workers/app/config/worker.yaml",
                       'path: /app\nlogging: {log_file: "logs/worker_app.log"}\n')
@@ -74,7 +70,8 @@ class LogrotateTests(IntegrationBase):
         for i in range(20):
             response, _ = await client.get(project.url + f"/app/before-{i}")
             self.assertEqual(response.code, 200)
-        server_log = os.path.join(project.root, "logs", "tqserver.log")
+        # the documented daemon command: --logfile logs/twistd.log is the server log
+        server_log = os.path.join(project.root, "logs", "twistd.log")
         worker_log = os.path.join(project.root, "logs", "worker_app.log")
         # made by the daemon under twistd's umask 077: still server.log_file_mode (0640)
         self.assertEqual([os.stat(p).st_mode & 0o777 for p in (server_log, worker_log)],

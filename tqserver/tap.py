@@ -129,7 +129,7 @@ class Options(usage.Options):
                 try:
                     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 except OSError as e:
-                    raise fatal(f"cannot create the directory of {path}: {e.strerror}")
+                    raise fatal(f"cannot create the directory of {path}: {e.strerror}") from None
         if logfile and logfile != "-" and not parent.get("nodaemon"):
             return os.path.abspath(logfile)
         return None

@@ -24,8 +24,8 @@ from tqserver.config.errors import ConfigError
 from tqserver.config.server import default_server_config, load_server_config
 from tqserver.config.worker import load_worker_config
 from tqserver.fastcgi import codec
-from tqserver.proxy.response_head import UpstreamError, parse_response_head
 from tqserver.proxy.forward import IDEMPOTENT
+from tqserver.proxy.response_head import UpstreamError, parse_response_head
 from tqserver.proxy.router import RoutingTable, normalize_route, route_key, strip_prefix
 from tqserver.proxy.site import remove_dot_segments
 

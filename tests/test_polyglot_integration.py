@@ -36,7 +36,7 @@ def require_bun() -> None:
     try:
         BunRuntime().bun()
     except ToolchainMissing as e:
-        raise unittest.SkipTest(str(e))
+        raise unittest.SkipTest(str(e)) from None
 
 
 def require_kotlin() -> None:
@@ -44,7 +44,7 @@ def require_kotlin() -> None:
         KotlinRuntime().java()
         KotlinRuntime().kotlinc()
     except ToolchainMissing as e:
-        raise unittest.SkipTest(str(e))
+        raise unittest.SkipTest(str(e)) from None
 
 
 _prebuilt: Dict[str, str] = {}

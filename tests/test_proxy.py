@@ -1490,11 +1490,11 @@ class UpgradeTests(ProxyTestCase):
         the worker gets the bytes, then an orderly close."""
         raw = self.raw_upstream(answer_upgrade)
         self.start_proxy(FakePool("ws", "/", [FakeInstance(raw.port, "ws#1")]))
-        for i in range(5):
+        for _ in range(5):
             client = yield self.connect()
             client.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\n"
                                    b"Upgrade: echo\r\n\r\n")
-            yield wait_until(lambda: b"welcome;" in client.data)
+            yield wait_until(lambda client=client: b"welcome;" in client.data)
             raw.received[:] = []
             client.transport.write(b"\x88\x02bye" * 1000)
             client.transport.loseConnection()

@@ -594,7 +594,7 @@ class FailureTests(ConnectionTestCase):
         self.assertTrue(self.conn.closed)
 
     def test_lost_mid_body_on_reused_connection(self) -> None:
-        sink = self.request()
+        self.request()
         self.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
         self.conn.connectionLost(LOST)
 

@@ -141,14 +141,14 @@ class Options(usage.Options):
         try:
             return load_server_config(path)
         except ConfigError as e:
-            raise fatal(str(e))
+            raise fatal(str(e)) from None
 
 
 def start_self_reloader() -> None:
     """--reload: hupper keeps a small monitor process that re-runs this very twistd command
     in a fresh child whenever a loaded Python module (TQServer's own code included)
     changes. In the child, hupper is active and startup continues normally."""
-    import hupper  # type: ignore[import-untyped]  # hupper ships no type information
+    import hupper
 
     if hupper.is_active():
         return

@@ -1,4 +1,6 @@
-"""The generic machinery: each key is described once, on its attrs field, by a default plus a *kind* (a small checker/converter); one walker checks a YAML mapping against a class, so adding a key is one line and every error names file:line:column and the dotted key."""
+"""The generic machinery: each key is described once, on its attrs field, by a default plus a
+*kind* (a small checker/converter); one walker checks a YAML mapping against a class, so
+adding a key is one line and every error names file:line:column and the dotted key."""
 
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def _size(value, ctx, key, pos):
         try:
             return parse_size(value or "")
         except ValueError as e:
-            raise ctx.error(key, pos, str(e))
+            raise ctx.error(key, pos, str(e)) from None
     raise ctx.error(key, pos, f'expected a size such as "512MiB", got {_describe(value)}')
 
 
@@ -400,9 +402,9 @@ def _load(path: str) -> tuple[_Context, dict]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise ConfigError("file not found", path)
+        raise ConfigError("file not found", path) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read: {e}", path)
+        raise ConfigError(f"cannot read: {e}", path) from None
     yaml = YAML(typ="rt")
     try:
         data = yaml.load(text)
@@ -410,10 +412,10 @@ def _load(path: str) -> tuple[_Context, dict]:
         mark = e.problem_mark or e.context_mark
         message = " ".join(p for p in (e.problem, e.context) if p) or "invalid YAML"
         if mark is None:
-            raise ConfigError(message, path)
-        raise ConfigError(message, path, mark.line + 1, mark.column + 1)
+            raise ConfigError(message, path) from None
+        raise ConfigError(message, path, mark.line + 1, mark.column + 1) from None
     except YAMLError as e:
-        raise ConfigError(f"invalid YAML: {e}", path)
+        raise ConfigError(f"invalid YAML: {e}", path) from None
     if data is None:
         return ctx, {}
     if not isinstance(data, dict):
@@ -441,7 +443,7 @@ def parse_size(text: str) -> int:
         return 0
     match = _SIZE_RE.match(str(text))
     unit = match.group(2).lower() if match else None
-    if unit not in _SIZE_UNITS:
+    if match is None or unit not in _SIZE_UNITS:
         raise ValueError(
             f"invalid size {text!r}; use a number with an optional unit such as 512MiB, 1G or 100M"
         )

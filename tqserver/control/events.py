@@ -18,7 +18,7 @@ class EventHub(Service):
     """The open event streams, and publishing to them. A pool listener of the Supervisor
     (``pool_changed``); stopping it ends every stream."""
 
-    name = "events"
+    name = "events"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, reactor) -> None:
         self.reactor = reactor

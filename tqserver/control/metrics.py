@@ -1,4 +1,5 @@
-"""Prometheus metrics (README: "Health, status, metrics") in a registry of our own, plus the process collectors.
+"""Prometheus metrics (README: "Health, status, metrics") in a registry of our own, plus the
+process collectors.
 
 Per-request figures are kept as plain cumulative numbers (RequestStats): one dict update
 per request, and proxy processes send theirs to the supervisor, which exposes the sum."""

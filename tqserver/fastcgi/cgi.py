@@ -82,15 +82,15 @@ def cgi_params(
     client's (route prefix and query included), SCRIPT_NAME carries the prefix too, and
     DOCUMENT_URI (like PHP_SELF) is SCRIPT_NAME + PATH_INFO, so applications compute their
     base URL and cookie paths right. X-Forwarded-Prefix is not passed: the prefix is in
-    those already, and frameworks that honour the header would add it a second time. Request headers become
-    HTTP_* except those in ``skip`` (hop-by-hop, the client's X-Forwarded-*) and names
-    with '_' (HTTP_X_A could be X-A or X_A: nginx drops them too); ``forwarded`` (this
-    proxy's X-Forwarded-*, X-Request-ID) are added, and HTTP_PROXY never exists
-    (httpoxy: the Proxy header is hop-by-hop here)."""
+    those already, and frameworks that honour the header would add it a second time.
+    Request headers become HTTP_* except those in ``skip`` (hop-by-hop, the client's
+    X-Forwarded-*) and names with '_' (HTTP_X_A could be X-A or X_A: nginx drops them
+    too); ``forwarded`` (this proxy's X-Forwarded-*, X-Request-ID) are added, and
+    HTTP_PROXY never exists (httpoxy: the Proxy header is hop-by-hop here)."""
     fs = os.fsencode
     document_root = script.root
     prefix = "" if route == "/" else route
-    path, sep, query = request.uri.partition(b"?")
+    _path, sep, query = request.uri.partition(b"?")
     uri = request.uri if request.uri[:1] == b"/" else request.path + sep + query
     secure = request.isSecure()
     client = request.getClientAddress()

@@ -1,4 +1,8 @@
-"""A FastCGI connection that carries one request at a time, with the surface of proxy.upstream.UpstreamConnection (send, write_body, finish_body, the producer methods, abort) so the proxy's Forward drives either; and a small pool of kept-alive connections per php-fpm port. The response streams to an UpstreamSink with backpressure; STDERR goes to the sink's upstream_stderr. Nothing here buffers a body."""
+"""A FastCGI connection that carries one request at a time, with the surface of
+proxy.upstream.UpstreamConnection (send, write_body, finish_body, the producer methods,
+abort) so the proxy's Forward drives either; and a small pool of kept-alive connections per
+php-fpm port. The response streams to an UpstreamSink with backpressure; STDERR goes to the
+sink's upstream_stderr. Nothing here buffers a body."""
 
 from __future__ import annotations
 
@@ -144,14 +148,16 @@ class FastCGIConnection(ConnectionControl):
         self._head = b""
         code, reason, headers = parse_cgi_head(head)
         self._state = _BODY
+        if self.sink is None:
+            return  # the request was abandoned; the rest is discarded
         self.sink.upstream_response(code, reason, headers)
-        if rest and not self._no_body and self.sink is not None:
+        if rest and not self._no_body:
             self.sink.upstream_data(rest)
 
     def _end_request(self, content: bytes, reusable: bool) -> None:
         if len(content) < END_BODY.size:
             raise FastCGIError("short END_REQUEST record")
-        app_status, protocol_status = END_BODY.unpack_from(content)
+        _app_status, protocol_status = END_BODY.unpack_from(content)
         if protocol_status != REQUEST_COMPLETE:
             raise FastCGIError(
                 "php-fpm refused the request: "
@@ -241,7 +247,7 @@ class FastCGIPool(Service):
     Stopped, it closes its idle connections and keeps no more.
     """
 
-    name = "fastcgi"
+    name = "fastcgi"  # type: ignore[assignment]  # Twisted types Service.name as None
     _stopped = False
 
     def __init__(
@@ -277,7 +283,7 @@ class FastCGIPool(Service):
             if (d, fresh) in slot.waiters:
                 slot.waiters.remove((d, fresh))
 
-        d = defer.Deferred(cancel)
+        d: defer.Deferred = defer.Deferred(cancel)
         slot.waiters.append((d, fresh))
         return d
 

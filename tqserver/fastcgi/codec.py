@@ -1,4 +1,5 @@
-"""FastCGI 1.0 (responder role) records and name-value pairs, and the CGI response head php-fpm sends on STDOUT."""
+"""FastCGI 1.0 (responder role) records and name-value pairs, and the CGI response head php-fpm
+sends on STDOUT."""
 
 from __future__ import annotations
 

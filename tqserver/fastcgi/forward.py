@@ -73,7 +73,7 @@ class FastCGIForward(Forward):
 
     def _send(self) -> None:
         length = self.request.requestHeaders.getRawHeaders(b"content-length")
-        self.has_body = bool(length) and length[0].strip() not in (b"0", b"")
+        self.has_body = length is not None and bool(length) and length[0].strip() not in (b"0", b"")
         params = cgi_params(
             self.request, self.script, self.route, self.forwarded_headers(), self._not_passed()
         )

@@ -100,7 +100,7 @@ class RelayListener(Service):
     """The loopback port (any free one) where the supervisor answers what proxy processes
     relay (TQServer's own endpoints). ``listening`` fires with the port once bound."""
 
-    name = "relay"
+    name = "relay"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, reactor, site: RelaySite) -> None:
         self.reactor = reactor
@@ -196,7 +196,7 @@ class ProxyFleet(MultiService):
     ``configure``, ``idle``). Its child ``relay`` (a RelayListener, added by makeService)
     is where they hand over TQServer's own endpoints."""
 
-    name = "fleet"
+    name = "fleet"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, reactor, state, root: str, addresses, count: int, quiet: bool) -> None:
         MultiService.__init__(self)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import IO
+from typing import IO, cast
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -56,7 +56,8 @@ class ServerLogObserver:
         self._file_observer: TextFileObserver | None = None
         self.set_file(file_template)
         predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-        self._filtered = FilteringLogObserver(self._emit, [predicate])
+        # A plain callable is an ILogObserver to Twisted, not to the type checker.
+        self._filtered = FilteringLogObserver(cast(ILogObserver, self._emit), [predicate])
 
     def set_file(self, template: str | None) -> None:
         if self._file is not None and template == self._file.template:

@@ -6,8 +6,8 @@ object, a heap insertion and a cancellation each. Almost none of them ever fires
 ``Deadlines`` keeps a deadline per callback in a dict instead (set and cancel are a dict
 store and a dict pop) and one timer sweeps them, so a timeout fires between its deadline
 and one ``resolution`` later. The resolution is a quarter of the shortest timeout set so
-far (at most 1 s, at least 10 ms): a 30 s timeout fires within 30–31 s, a 0.3 s one within
-0.3–0.375 s.
+far (at most 1 s, at least 10 ms): a 30 s timeout fires within 30 to 31 s, a 0.3 s one
+within 0.3 to 0.375 s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ MIN_RESOLUTION = 0.01
 class Deadlines(Service):
     """Timeouts by callback, swept by one timer; stopping it forgets them all."""
 
-    name = "deadlines"
+    name = "deadlines"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, reactor, resolution: float = MAX_RESOLUTION) -> None:
         self.reactor = reactor

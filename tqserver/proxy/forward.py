@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -65,7 +65,9 @@ class Forward(UpstreamSink):
         self.response_started = False
         self.done = False
         self.timing = False  # the write timeout is armed (in front.deadlines)
-        self.head: bytes | None = None
+        # What the upstream connection sends first: the HTTP request head (bytes), or for
+        # FastCGI the PARAMS records (list of bytes).
+        self.head: Any = None
         self.upgrade_head: tuple[int, bytes, list[tuple[bytes, bytes]]] | None = None
         self.live_reload = False
         self.has_body = False

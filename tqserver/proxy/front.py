@@ -50,7 +50,7 @@ class Front(MultiService):
     the kept-alive connections to instances and the per-request timeouts. Its other
     children are the public listening ports, or other connection pools (FastCGI)."""
 
-    name = "proxy"
+    name = "proxy"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(
         self,

@@ -21,7 +21,8 @@ REASONS = {
 }
 
 _STYLE = """
-body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;
+  background:#f6f7f9;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:14px 28px;font-weight:600;letter-spacing:.02em}
 header span{color:#7fd1ae}
 main{max-width:960px;margin:32px auto;padding:0 28px}

@@ -1,4 +1,5 @@
-"""The public port's twisted.web Site: requests are routed as soon as their head has arrived, so bodies stream to and from worker instances with backpressure."""
+"""The public port's twisted.web Site: requests are routed as soon as their head has arrived,
+so bodies stream to and from worker instances with backpressure."""
 
 from __future__ import annotations
 
@@ -201,7 +202,8 @@ class ProxyRequest(server.Request):
 
     def gotLength(self, length) -> None:
         if self.forward is not None:
-            self.content = io.BytesIO()  # the body streams to the worker, never kept here
+            # The body streams to the worker, never kept here (Twisted types .content as None).
+            self.content = io.BytesIO()  # type: ignore[assignment]
             self._body_seen = 0
             return
         server.Request.gotLength(self, length)
@@ -222,7 +224,7 @@ class ProxyRequest(server.Request):
         if self.forward is None:
             server.Request.requestReceived(self, command, path, version)
             return
-        self.args = {}
+        self.args = {}  # type: ignore[assignment]  # Twisted types Request.args as None
         self.forward.body_finished()
         if self._finish_pending:
             self.finish_when_read()

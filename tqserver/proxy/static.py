@@ -192,7 +192,7 @@ def _respond(request: http.Request, path: str, fd: int, st: os.stat_result) -> b
     """Set status and headers; return True when a producer now owns ``fd``."""
     size = st.st_size
     mtime = int(st.st_mtime)
-    etag = '"%x-%x-%x"' % (st.st_mtime_ns, size, st.st_ino)
+    etag = f'"{st.st_mtime_ns:x}-{size:x}-{st.st_ino:x}"'
     request.setHeader(b"ETag", etag.encode("ascii"))
     request.setHeader(b"Last-Modified", _datetimeToString(mtime))
     request.setHeader(b"Cache-Control", b"no-cache")  # always revalidate: dev sees new files
@@ -303,7 +303,7 @@ def _etag_matches(value: str, etag: str, weak: bool) -> bool:
     for weak_prefix, opaque in _ETAG_RE.findall(value):
         if weak_prefix and not weak:
             continue  # strong comparison never matches a weak tag
-        if '"%s"' % opaque == etag:
+        if f'"{opaque}"' == etag:
             return True
     return False
 

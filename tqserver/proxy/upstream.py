@@ -327,7 +327,7 @@ class UpstreamPool(Service):
     """Idle keep-alive connections per instance port (LIFO: the warmest first). Stopped,
     it closes the idle ones and keeps no more."""
 
-    name = "upstreams"
+    name = "upstreams"  # type: ignore[assignment]  # Twisted types Service.name as None
     _stopped = False
 
     def __init__(self, reactor, connect_timeout: float = 5.0) -> None:

@@ -161,4 +161,6 @@ def runtime_for(type_: str) -> Runtime:
     try:
         return _registry()[type_]
     except KeyError:
-        raise ToolchainMissing(f"the {type_!r} runtime is not supported by this TQServer yet")
+        raise ToolchainMissing(
+            f"the {type_!r} runtime is not supported by this TQServer yet"
+        ) from None

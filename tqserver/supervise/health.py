@@ -1,4 +1,5 @@
-"""HealthChecker: a LoopingCall that probes every serving instance and replaces one that keeps failing."""
+"""HealthChecker: a LoopingCall that probes every serving instance and replaces one that keeps
+failing."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class WorkerPool(Rotation, Service):
     """One worker's instances. ``serving`` is the rotation the proxy picks from; it is only
     ever replaced whole, after the new instances answered their first health probe."""
 
-    name: str  # the worker's (a Service's may be None)
+    name: str  # type: ignore[assignment]  # the worker's; Twisted types Service.name as None
 
     _public_of = None  # the spec _public_dir was computed for
     _public_dir = ""

@@ -1,4 +1,5 @@
-"""Prober: a small loopback HTTP/1.1 client that asks an instance its health path over a kept connection (and a fresh one now and then, so an instance that can no longer accept() fails)."""
+"""Prober: a small loopback HTTP/1.1 client that asks an instance its health path over a kept
+connection (and a fresh one now and then, so an instance that can no longer accept() fails)."""
 
 from __future__ import annotations
 

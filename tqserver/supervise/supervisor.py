@@ -40,7 +40,7 @@ class Supervisor(MultiService):
     (``idle(instance) -> Deferred``) says when an instance leaving the rotation has no
     request left in flight (with proxy processes: in any of them)."""
 
-    name = "supervisor"
+    name = "supervisor"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(
         self,

@@ -186,7 +186,7 @@ class DevWatcher(Service):
     broke) it says so in the log and in ``describe()`` (/health, status page), starts over
     on a fresh inotify descriptor, and reloads what changed meanwhile (``rescan``)."""
 
-    name = "watcher"
+    name = "watcher"  # type: ignore[assignment]  # Twisted types Service.name as None
     MASK = 0
     if inotify is not None:
         MASK = (
@@ -408,7 +408,7 @@ class HangupReload(Service):
     """SIGHUP → ``reload("SIGHUP")`` on the reactor thread. Signals arriving while a
     reload runs are not lost: the pools queue and coalesce the deploys they cause."""
 
-    name = "hangup"
+    name = "hangup"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, reactor, reload: Callable[[str], object]) -> None:
         self.reactor = reactor

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 
 def load(target: str):
@@ -22,7 +23,7 @@ def load(target: str):
     attr = (attr[:-2] if call else attr) or "app"
     import importlib
 
-    obj = importlib.import_module(module_name)
+    obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import _socket
 import io
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tqserver.worker.body import EMPTY, ChunkedInput, SizedInput
+from tqserver.worker.body import EMPTY, ChunkedInput, Input, SizedInput
 from tqserver.worker.common import (
     MAX_BLANK_LINES,
     MAX_DISCARD,
@@ -191,7 +191,7 @@ class Connection:
         else:
             return self._error(400, "malformed HTTP version")
 
-        env = srv.base_environ.copy()
+        env: dict[str, Any] = srv.base_environ.copy()
         rfile = self.rfile
         count = 0
         while True:
@@ -205,13 +205,13 @@ class Connection:
                 return self._error(431)
             if h[0] in (32, 9):
                 return self._error(400, "obsolete header line folding")
-            name, sep, value = h.partition(b":")
+            raw_name, sep, raw_value = h.partition(b":")
             if not sep:
                 return self._error(400, "malformed header line")
-            name = name.decode("latin-1")
+            name = raw_name.decode("latin-1")
             if not is_token(name):
                 return self._error(400, "malformed header name")
-            value = value.strip().decode("latin-1")
+            value = raw_value.strip().decode("latin-1")
             if "_" in name:
                 continue  # ambiguous once mapped to CGI names; nginx drops them too
             key = name.upper().replace("-", "_")
@@ -247,6 +247,7 @@ class Connection:
                     cont = self._send_continue
             else:
                 return self._error(417)
+        inp: Input
         te = env.get("HTTP_TRANSFER_ENCODING")
         cl = env.get("CONTENT_LENGTH")
         if te is not None:

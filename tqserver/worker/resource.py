@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 try:
     import _signal as _sig
@@ -83,11 +84,12 @@ def serve_resource(root, host: str, port: int, health_path: str, drain_seconds: 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
     site = WorkerSite(root)
+    endpoint: TCP4ServerEndpoint | TCP6ServerEndpoint
     if ":" in host:
         endpoint = TCP6ServerEndpoint(reactor, port, backlog=1024, interface=host)
     else:
         endpoint = TCP4ServerEndpoint(reactor, port, backlog=1024, interface=host)
-    outcome = []
+    outcome: list[Any] = []
     endpoint.listen(site).addBoth(outcome.append)  # TCP listen completes synchronously
     if not outcome or isinstance(outcome[0], Failure):
         err = outcome[0].value if outcome else "listen did not complete"

@@ -55,7 +55,7 @@ class Server:
         self.read_timeout = read_timeout
         self.draining = False
         self.lock = _thread.allocate_lock()
-        self.conns = set()
+        self.conns: set[ConnState] = set()
         self._changed = _thread.allocate_lock()  # released when conns changes
         self._changed.acquire()
         self._stop = False
@@ -142,7 +142,8 @@ class Server:
     def _accept_pending(self) -> None:
         while True:
             try:
-                fd, addr = self.sock._accept()
+                # The C-level accept: a file descriptor, no socket object per connection.
+                fd, addr = self.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:

@@ -4,8 +4,8 @@ writes never sees an exception. The full disk is /dev/full (every write: ENOSPC)
 from __future__ import annotations
 
 import io
-import time
 import os
+import time
 
 from twisted.logger import LogLevel
 from twisted.trial import unittest

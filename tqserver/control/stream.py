@@ -31,7 +31,7 @@ def event(kind: str, data) -> bytes:
 class StatusStream(Service):
     """The ``status`` event stream. A pool listener of the Supervisor (``pool_changed``)."""
 
-    name = "status-stream"
+    name = "status-stream"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(self, reactor, live: LiveStatus | None = None) -> None:
         self.reactor = reactor

@@ -84,7 +84,7 @@ class RequestWindows(Service):
     """Samples the cumulative request counts of ``sources`` every SAMPLE_SECONDS (on the
     given reactor's clock) and answers per-worker figures over recent windows."""
 
-    name = "request-windows"
+    name = "request-windows"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(
         self,

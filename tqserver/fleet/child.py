@@ -42,8 +42,8 @@ from tqserver.fleet.protocol import (
 )
 from tqserver.heap import freeze_startup_heap
 from tqserver.logs.files import LOG_FILES, resolve_template
-from tqserver.logs.reopen import ReopenLogs
 from tqserver.logs.observer import ServerLogObserver
+from tqserver.logs.reopen import ReopenLogs
 from tqserver.proxy.access_log import AccessLog
 from tqserver.proxy.forward import Forward
 from tqserver.proxy.front import Front

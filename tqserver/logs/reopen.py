@@ -22,7 +22,7 @@ class ReopenLogs(Service):
     process and orphan its workers). ``also`` are told too: the supervisor passes the
     signal on to its proxy processes, which write the server log themselves."""
 
-    name = "reopen-logs"
+    name = "reopen-logs"  # type: ignore[assignment]  # Twisted types Service.name as None
 
     def __init__(
         self,

@@ -1,0 +1,241 @@
+"""bin/deploy against a target directory on this machine, with a real `twistd tqserver`
+serving its current release: releases and the current symlink, what the target built kept,
+hooks in order, --dry-run, --rollback, a failing pre-deploy hook and a release that does not
+start (both leave the previous release serving), and configuration errors."""
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tqserver.config.deployment import load_deployment_config
+from tqserver.config.errors import ConfigError
+
+from .deploy_support import (
+    Node,
+    body_of,
+    py_app,
+    release_of,
+    run_deploy,
+    source_project,
+)
+from .support import Client, kill_leftovers, stop_twistd, wait_until
+
+
+def d(coro):
+    return defer.ensureDeferred(coro)
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+class DeployTestBase(unittest.TestCase):
+    timeout = 240
+
+    def setUp(self) -> None:
+        base = os.path.abspath(self.mktemp())
+        self.source = source_project(os.path.join(base, "project"))
+        self.node = Node(os.path.join(base, "node"))
+        self.hook_log = os.path.join(base, "hooks.log")
+        self.env = {"HOOK_LOG": self.hook_log}
+        self.deployment(self.node.target_yaml("local"))
+        self.client = Client(self)
+
+    def deployment(self, targets: str, extra: str = "") -> None:
+        self.source.write("etc/deployment.yaml", "targets:\n" + targets + extra)
+
+    def deploy(self, *args: str, **env: str):
+        return run_deploy(self.source.root, *args, env={**self.env, **env})
+
+    def hooks(self) -> list:
+        """(hook, target, release, previous) per call, in order."""
+        if not os.path.exists(self.hook_log):
+            return []
+        return [tuple([os.path.basename(p) for p in line.split()[:1]] + line.split()[1:])
+                for line in read(self.hook_log).splitlines()]
+
+    async def start_node(self, node: Node, expect: bytes = b"app v1", path: str = "/app/"):
+        proc = node.start()
+        self.addCleanup(kill_leftovers, node.current)
+        self.addCleanup(lambda: None if proc.done else d(stop_twistd(proc)))
+
+        async def serves():
+            response, body = await self.client.get(node.url + path)
+            return response.code == 200 and body == expect
+        await wait_until(serves, 90, f"{node.root} serving {expect!r}", proc)
+
+    async def health(self, node: Node) -> dict:
+        return (await self.client.get_json(node.url + "/health"))[1]
+
+
+class DeployLocalTests(DeployTestBase):
+
+    def test_deploy_keeps_what_the_target_built_and_rolls_back(self):
+        return d(self._deploy_and_roll_back())
+
+    async def _deploy_and_roll_back(self):
+        node = self.node
+        code, out = await self.deploy("local")           # no server yet: the first release
+        self.assertEqual(code, 0, out)
+        self.assertIn("no server running", out)
+        first = release_of(out)
+        self.assertEqual(node.releases(), [first])
+        self.assertEqual(node.current_release(), first)
+        self.assertEqual(read(os.path.join(node.current, "REVISION")).strip(), first)
+        for shared in ("logs", "run"):                   # every release writes to shared/
+            self.assertEqual(os.readlink(os.path.join(node.current, shared)),
+                             os.path.join(node.root, "shared", shared))
+        self.assertFalse(os.path.exists(os.path.join(node.current, "etc", "deployment.yaml.x")))
+        await self.start_node(node)
+        self.assertEqual((await self.health(node))["revision"], first)
+
+        # What the target built or installed itself must survive the next deploy.
+        built = ["workers/app/bin/built-here", "workers/app/node_modules/dep/index.js",
+                 ".venv/bin/python-here"]
+        for path in built:
+            full = os.path.join(node.current, path)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "w") as f:
+                f.write("target's own\n")
+
+        self.source.write("workers/app/src/main.py", py_app("v2"))
+        code, out = await self.deploy("local")
+        self.assertEqual(code, 0, out)
+        second = release_of(out)
+        self.assertIn(f"[local] health: {second} serves", out)
+        self.assertEqual(await body_of(self.client, node.url + "/app/"), b"app v2")
+        health = await self.health(node)
+        self.assertEqual((health["revision"], health["workers"]["app"]["revision"]),
+                         (second, second))
+        self.assertEqual(node.releases(), [first, second])
+        for path in built:
+            self.assertTrue(os.path.exists(os.path.join(node.current, path)), path)
+        self.assertEqual(self.hooks(), [
+            ("pre-deploy", "local", first, "prev="), ("post-deploy", "local", first, "prev="),
+            ("pre-deploy", "local", second, f"prev={first}"),
+            ("post-deploy", "local", second, f"prev={first}")])
+
+        # --dry-run: what would change, and nothing changes.
+        self.source.write("workers/app/src/main.py", py_app("v3"))
+        code, out = await self.deploy("--dry-run", "local")
+        self.assertEqual(code, 0, out)
+        self.assertIn("workers/app/src/main.py", out)
+        self.assertIn("would point current at releases/", out)
+        self.assertEqual(node.releases(), [first, second])
+        self.assertEqual(len(self.hooks()), 4)
+        self.assertEqual(await body_of(self.client, node.url + "/app/"), b"app v2")
+
+        # --rollback: the release before serves again.
+        code, out = await self.deploy("--rollback", "local")
+        self.assertEqual(code, 0, out)
+        self.assertIn(f"[local] health: {first} serves", out)
+        self.assertEqual(node.current_release(), first)
+        self.assertEqual(await body_of(self.client, node.url + "/app/"), b"app v1")
+        self.assertEqual((await self.health(node))["workers"]["app"]["revision"], first)
+
+    def test_failures_leave_the_previous_release_serving(self):
+        return d(self._failures())
+
+    async def _failures(self):
+        node = self.node
+        code, out = await self.deploy("local")
+        self.assertEqual(code, 0, out)
+        first = release_of(out)
+        await self.start_node(node)
+
+        self.source.write("workers/app/src/main.py", py_app("v2"))
+        code, out = await self.deploy("local", HOOK_EXIT="3")   # the pre-deploy hook fails
+        self.assertEqual(code, 1, out)
+        self.assertIn("step 'pre-deploy' failed: bin/hooks/pre-deploy exited with status 3", out)
+        self.assertIn(f"nothing was changed: {first} still serves", out)
+        self.assertEqual(node.releases(), [first])
+        self.assertEqual([h[0] for h in self.hooks()], ["pre-deploy", "post-deploy",
+                                                        "pre-deploy"])
+        self.assertEqual(await body_of(self.client, node.url + "/app/"), b"app v1")
+
+        # A release whose worker never starts: switched back, and the old code never stopped.
+        self.source.write("workers/app/src/main.py", "raise SystemExit('broken on purpose')\n")
+        code, out = await self.deploy("local")
+        self.assertEqual(code, 1, out)
+        self.assertIn("step 'health' failed: app: ", out)
+        self.assertIn(f"{first} serves (current points to it again)", out)
+        self.assertEqual(node.current_release(), first)
+        self.assertEqual(await body_of(self.client, node.url + "/app/"), b"app v1")
+        health = await self.health(node)
+        self.assertEqual(health["revision"], first)
+        self.assertEqual(health["workers"]["app"]["status"], "healthy")
+        self.assertEqual(self.hooks()[-1][0], "pre-deploy")       # no post-deploy for it
+
+        # The same fixed: it deploys (the broken release stays on disk, not current).
+        self.source.write("workers/app/src/main.py", py_app("v4"))
+        code, out = await self.deploy("local")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(await body_of(self.client, node.url + "/app/"), b"app v4")
+        self.assertEqual(len(node.releases()), 3)
+
+
+class ConfigErrorTests(unittest.TestCase):
+
+    def load(self, text: str):
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        return path, lambda: load_deployment_config(path, "/project")
+
+    def assertError(self, text: str, expected: str) -> None:
+        path, load = self.load(text)
+        with self.assertRaises(ConfigError) as caught:
+            load()
+        self.assertEqual(str(caught.exception), f"{path}:{expected}")
+
+    def test_errors_name_file_line_column_and_key(self):
+        self.assertError(
+            "targets:\n  web1:\n    host: a\n    root: /srv\n    health_url: http://a/health\n"
+            "    ssh:\n      port: twenty\n",
+            "7:13: targets.web1.ssh.port: expected an integer, got string 'twenty'")
+        self.assertError("targets:\n  web1:\n    health_url: http://a/health\n",
+                         "2:3: targets.web1: root is required: the directory that holds "
+                         "the releases")
+        self.assertError(
+            "targets:\n  web1:\n    host: a\n    root: srv\n    health_url: http://a/health\n",
+            "4:11: targets.web1.root: must be an absolute path on the host")
+        self.assertError(
+            "targets:\n  web1:\n    root: /srv\n    health_url: http://a/health\n"
+            "    build: remote\n",
+            "5:12: targets.web1.build: must be one of target, local, got string 'remote'")
+        self.assertError(
+            "targets:\n  web1:\n    root: /srv\n    health_url: http://a/health\n"
+            "groups:\n  all: [web1, web2]\n",
+            "6:15: groups.all[1]: no target named 'web2'")
+        self.assertError("targets: {}\n", "1:1: targets: no target defined")
+
+    def test_local_roots_are_relative_to_the_project_and_unknown_keys_warn(self):
+        path, load = self.load(
+            "targets:\n  here:\n    root: ../node\n    health_url: http://a/health\n"
+            "    helth_url: x\ngroups:\n  all: [here]\n")
+        config, warnings = load()
+        self.assertEqual(config.targets["here"].root, "/node")
+        self.assertEqual([t.name for t in config.resolve("all")], ["here"])
+        self.assertEqual([str(w) for w in warnings], [
+            f"{path}:5:5: targets.here.helth_url: unknown key 'helth_url'; "
+            "did you mean 'health_url'?"])
+
+    def test_bin_deploy_reports_the_error_and_exits_2(self):
+        return d(self._bin_deploy_error())
+
+    async def _bin_deploy_error(self):
+        source = source_project(os.path.abspath(self.mktemp()))
+        source.write("etc/deployment.yaml",
+                     "targets:\n  web1:\n    root: /srv\n    health_url: ftp://x\n")
+        code, out = await run_deploy(source.root, "web1")
+        self.assertEqual(code, 2, out)
+        self.assertIn("etc/deployment.yaml:4:17: targets.web1.health_url: expected an http:// "
+                      "or https:// URL, got 'ftp://x'", out)
+        source.write("etc/deployment.yaml",
+                     "targets:\n  web1:\n    root: /srv\n    health_url: http://x/health\n")
+        code, out = await run_deploy(source.root, "web2")
+        self.assertEqual(code, 2, out)
+        self.assertIn("no target or group 'web2'", out)

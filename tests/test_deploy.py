@@ -5,6 +5,10 @@ start (both leave the previous release serving), and configuration errors."""
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -20,7 +24,7 @@ from .deploy_support import (
     run_deploy,
     source_project,
 )
-from .support import Client, kill_leftovers, stop_twistd, wait_until
+from .support import Client, free_port, kill_leftovers, stop_twistd, wait_until
 
 
 def d(coro):
@@ -239,3 +243,66 @@ class ConfigErrorTests(unittest.TestCase):
         code, out = await run_deploy(source.root, "web2")
         self.assertEqual(code, 2, out)
         self.assertIn("no target or group 'web2'", out)
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+class SshTargetTests(DeployTestBase):
+    """The same over ssh: an sshd of this test on a loopback port (its own host key and
+    authorized_keys, run as the current user), the target named by host and ssh port."""
+
+    def setUp(self) -> None:
+        if not (os.access(SSHD, os.X_OK) and shutil.which("ssh") and shutil.which("ssh-keygen")):
+            raise unittest.SkipTest("sshd, ssh or ssh-keygen is not installed")
+        if os.getuid() == 0 and not os.path.isdir("/run/sshd"):
+            os.makedirs("/run/sshd", mode=0o755)  # sshd's privilege separation directory
+            self.addCleanup(lambda: os.rmdir("/run/sshd"))
+        DeployTestBase.setUp(self)
+
+    def test_deploy_over_ssh(self):
+        return d(self._over_ssh())
+
+    async def _over_ssh(self):
+        keys = tempfile.mkdtemp(prefix="tqs-ssh-")
+        self.addCleanup(shutil.rmtree, keys, True)
+        for name in ("host", "user"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            os.path.join(keys, name)], check=True)
+        shutil.copy(os.path.join(keys, "user.pub"), os.path.join(keys, "authorized_keys"))
+        port = free_port()
+        with open(os.path.join(keys, "sshd_config"), "w") as f:
+            f.write(f"ListenAddress 127.0.0.1:{port}\nHostKey {keys}/host\n"
+                    f"AuthorizedKeysFile {keys}/authorized_keys\nPidFile {keys}/sshd.pid\n"
+                    "UsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n")
+        sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", os.path.join(keys, "sshd_config")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (sshd.terminate(), sshd.wait(10)))
+        user = pwd.getpwuid(os.getuid()).pw_name
+        self.deployment(self.node.target_yaml(
+            "web1", host="127.0.0.1",
+            ssh=f"{{user: {user}, port: {port}, identity_file: {keys}/user, options: "
+                f"[-o, 'UserKnownHostsFile={keys}/known_hosts', -o, "
+                "StrictHostKeyChecking=accept-new]}"))
+
+        async def sshd_up():
+            return subprocess.run(["ssh", "-p", str(port), "-i", f"{keys}/user", "-o",
+                                   f"UserKnownHostsFile={keys}/known_hosts", "-o",
+                                   "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes",
+                                   f"{user}@127.0.0.1", "true"],
+                                  capture_output=True).returncode == 0
+        await wait_until(sshd_up, 20, "sshd on loopback")
+
+        code, out = await self.deploy("web1")
+        self.assertEqual(code, 0, out)
+        self.assertIn(f"rsync to {user}@127.0.0.1:{self.node.root}/releases/", out)
+        await self.start_node(self.node)
+        self.source.write("workers/app/src/main.py", py_app("v2 over ssh"))
+        code, out = await self.deploy("web1")
+        self.assertEqual(code, 0, out)
+        self.assertIn(f"[web1] health: {release_of(out)} serves", out)
+        self.assertEqual(await body_of(self.client, self.node.url + "/app/"), b"app v2 over ssh")
+        code, out = await self.deploy("--rollback", "web1")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(await body_of(self.client, self.node.url + "/app/"), b"app v1")

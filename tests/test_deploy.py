@@ -306,3 +306,90 @@ class SshTargetTests(DeployTestBase):
         code, out = await self.deploy("--rollback", "web1")
         self.assertEqual(code, 0, out)
         self.assertEqual(await body_of(self.client, self.node.url + "/app/"), b"app v1")
+
+
+GO_MAIN = """package main
+
+import (
+\t"net/http"
+\t"os"
+)
+
+func main() {
+\thttp.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("go VERSION")) })
+\thttp.ListenAndServe("127.0.0.1:"+os.Getenv("WORKER_PORT"), nil)
+}
+"""
+BUN_MAIN = """Bun.serve({hostname: "127.0.0.1", port: Number(process.env.WORKER_PORT),
+  fetch() { return new Response("bun VERSION"); }});
+"""
+PHP_MAIN = "<?php echo 'php VERSION';\n"
+
+
+class PolyglotDeployTests(DeployTestBase):
+    """A Go, a Bun, a PHP and a Python worker deployed together, built on the target; then
+    the Go worker built here (build: local) and its binary shipped."""
+
+    def setUp(self) -> None:
+        from tqserver.runtimes import ToolchainMissing
+        from tqserver.runtimes.bun import BunRuntime
+        from tqserver.runtimes.php import find_php_fpm
+
+        from .support import find_go
+        try:
+            BunRuntime().bun()
+        except ToolchainMissing as e:
+            raise unittest.SkipTest(str(e)) from None
+        if find_go() is None or find_php_fpm() is None:
+            raise unittest.SkipTest("Go or php-fpm is not installed")
+        DeployTestBase.setUp(self)
+        w = self.source.write
+        w("workers/gosvc/config/worker.yaml", 'path: "/go"\ntype: go\n')
+        w("workers/gosvc/go.mod", "module gosvc\n\ngo 1.19\n")
+        w("workers/bunsvc/config/worker.yaml", 'path: "/bun"\ntype: bun\nbun:\n'
+          '  entrypoint: "index.ts"\n')
+        w("workers/bunsvc/package.json", '{"name": "bunsvc", "private": true}\n')
+        w("workers/phpsvc/config/worker.yaml", 'path: "/php"\ntype: php\n')
+        self.version("v1")
+        self.deployment(self.node.target_yaml("web1")
+                        + self.node.target_yaml("artifacts", build="local"))
+
+    def version(self, v: str) -> None:
+        w = self.source.write
+        w("workers/gosvc/src/main.go", GO_MAIN.replace("VERSION", v))
+        w("workers/bunsvc/index.ts", BUN_MAIN.replace("VERSION", v))
+        w("workers/phpsvc/public/index.php", PHP_MAIN.replace("VERSION", v))
+        w("workers/app/src/main.py", py_app(v))
+
+    async def serves(self, v: str) -> None:
+        for path, name in (("/go/", "go"), ("/bun/", "bun"), ("/php/", "php"), ("/app/", "app")):
+            self.assertEqual(await body_of(self.client, self.node.url + path),
+                             f"{name} {v}".encode(), path)
+
+    def test_go_bun_php_python(self):
+        return d(self._polyglot())
+
+    async def _polyglot(self):
+        code, out = await self.deploy("web1")
+        self.assertEqual(code, 0, out)
+        await self.start_node(self.node, expect=b"go v1", path="/go/")
+        await wait_until(self._all_healthy, 120, "every worker healthy")
+        await self.serves("v1")
+
+        self.version("v2")
+        code, out = await self.deploy("web1")
+        self.assertEqual(code, 0, out)
+        await self.serves("v2")
+
+        before = (await self.health(self.node))["workers"]["gosvc"]["last_build"]
+        self.source.write("workers/gosvc/src/main.go", GO_MAIN.replace("VERSION", "v3"))
+        code, out = await self.deploy("artifacts", "gosvc")
+        self.assertEqual(code, 0, out)
+        self.assertIn("[artifacts] build: bin/build-prod gosvc", out)
+        self.assertEqual(await body_of(self.client, self.node.url + "/go/"), b"go v3")
+        health = await self.health(self.node)
+        self.assertEqual(health["workers"]["gosvc"]["last_build"], before)  # not built there
+
+    async def _all_healthy(self):
+        workers = (await self.health(self.node))["workers"]
+        return len(workers) == 4 and all(w["status"] == "healthy" for w in workers.values())

@@ -123,7 +123,7 @@ class DeployLocalTests(DeployTestBase):
             ("post-deploy", "local", second, f"prev={first}")])
 
         # --dry-run: what would change, and nothing changes.
-        self.source.write("workers/app/src/main.py", py_app("v3-dry-run"))
+        self.source.write("workers/app/src/main.py", py_app("v3"))
         code, out = await self.deploy("--dry-run", "local")
         self.assertEqual(code, 0, out)
         self.assertIn("workers/app/src/main.py", out)

@@ -5,6 +5,7 @@ prefix, with links, redirects and cookies right; the dev loop around them (start
 errors on the page, crash loops in /health, hot reload across installs).
 
 Downloads are shared: uv's cache lives in the trial temp directory for the whole run."""
+
 from __future__ import annotations
 
 import json
@@ -72,13 +73,18 @@ class FlaskTests(FrameworkBase):
         proc = self.start(project)
         client = Client(self)
         await self.wait_healthy(client, project, proc, ["flask"], timeout=400)
-        self.assertTrue(os.path.exists(os.path.join(project.root, "workers", "flask", ".venv",
-                                                    ".tqserver-installed")))
+        self.assertTrue(
+            os.path.exists(
+                os.path.join(project.root, "workers", "flask", ".venv", ".tqserver-installed")
+            )
+        )
         base = project.url + "/flask"
 
         response, _ = await client.get(base + "?from=menu")
-        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
-                         (301, ["/flask/?from=menu"]))
+        self.assertEqual(
+            (response.code, response.headers.getRawHeaders("location")),
+            (301, ["/flask/?from=menu"]),
+        )
 
         response, page = await client.get(base + "/")
         self.assertEqual(response.code, 200, page)
@@ -97,12 +103,15 @@ class FlaskTests(FrameworkBase):
         self.assertEqual(response.headers.getRawHeaders("location"), ["/flask/"])
         session, attributes = cookie_of(response, "session")
         self.assertTrue(session)
-        self.assertTrue(base.endswith(attributes.get("path", "/").rstrip("/")) or
-                        attributes.get("path") == "/", attributes)
+        self.assertTrue(
+            base.endswith(attributes.get("path", "/").rstrip("/")) or attributes.get("path") == "/",
+            attributes,
+        )
 
         cookie = {"Cookie": f"session={session}"}
-        response, _ = await client.request(b"POST", base + "/notes", b"text=second",
-                                           dict(form, **cookie))
+        response, _ = await client.request(
+            b"POST", base + "/notes", b"text=second", dict(form, **cookie)
+        )
         session, _ = cookie_of(response, "session")
         response, page = await client.get(base + "/", {"Cookie": f"session={session}"})
         self.assertIn(b"<li>first note</li><li>second</li>", page)
@@ -121,11 +130,12 @@ class FlaskTests(FrameworkBase):
 
     async def _swaps(self, client, project, n):
         _, status = await client.get_json(project.url + "/_tqserver/api/status")
-        return len([i for i in status["workers"]["flask"]["instances"]]) == 1 and \
-            status["workers"]["flask"]["instances"][0]["id"].endswith(f"#{n}")
+        return len([i for i in status["workers"]["flask"]["instances"]]) == 1 and status["workers"][
+            "flask"
+        ]["instances"][0]["id"].endswith(f"#{n}")
 
 
-FASTAPI_APP = '''
+FASTAPI_APP = """
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -154,10 +164,18 @@ async def create(item: Item):
     return {"name": item.name, "total": item.price * 2, "started": state.get("started")}
 
 
+@app.get("/slow")
+async def slow():
+    import asyncio
+    print("SLOW-BEGIN", flush=True)
+    await asyncio.sleep(1)
+    return "slow done"
+
+
 @app.get("/where")
 async def where(request: Request):
     return {"root_path": request.scope["root_path"], "url": str(request.url_for("where"))}
-'''
+"""
 
 
 class FastAPITests(FrameworkBase):
@@ -170,8 +188,10 @@ class FastAPITests(FrameworkBase):
         if shutil.which("python3") is None:
             raise unittest.SkipTest("no python3 on PATH")
         project = self.make_project()
-        project.write("workers/fastapi/config/worker.yaml",
-                      'type: python\npython:\n  app: "main:app"\n  interpreter: python3\n')
+        project.write(
+            "workers/fastapi/config/worker.yaml",
+            'type: python\npython:\n  app: "main:app"\n  interpreter: python3\n',
+        )
         project.write("workers/fastapi/requirements.txt", "fastapi>=0.110\n")
         project.write("workers/fastapi/main.py", FASTAPI_APP)
         proc = self.start(project)
@@ -180,18 +200,21 @@ class FastAPITests(FrameworkBase):
         base = project.url + "/fastapi"
 
         json_type = {"Content-Type": "application/json"}
-        response, body = await client.request(b"POST", base + "/items",
-                                              b'{"name": "pen", "price": 1.25}', json_type)
-        self.assertEqual((response.code, json.loads(body)),
-                         (200, {"name": "pen", "total": 2.5, "started": "yes"}))
-        response, body = await client.request(b"POST", base + "/items", b'{"name": 3}',
-                                              json_type)
+        response, body = await client.request(
+            b"POST", base + "/items", b'{"name": "pen", "price": 1.25}', json_type
+        )
+        self.assertEqual(
+            (response.code, json.loads(body)),
+            (200, {"name": "pen", "total": 2.5, "started": "yes"}),
+        )
+        response, body = await client.request(b"POST", base + "/items", b'{"name": 3}', json_type)
         self.assertEqual(response.code, 422, body)
         self.assertIn("price", body.decode())
 
         response, body = await client.get(base + "/where")
-        self.assertEqual(json.loads(body), {"root_path": "/fastapi",
-                                            "url": project.url + "/fastapi/where"})
+        self.assertEqual(
+            json.loads(body), {"root_path": "/fastapi", "url": project.url + "/fastapi/where"}
+        )
 
         response, page = await client.get(base + "/docs")
         self.assertEqual(response.code, 200)
@@ -204,15 +227,72 @@ class FastAPITests(FrameworkBase):
         response, body = await client.get(base + "/health")
         self.assertEqual((response.code, body), (200, b"ok"))
 
+        await self._serve_script_drains(project)
+
         # SIGTERM: uvicorn drains and runs the lifespan shutdown.
         self.assertEqual(await stop_twistd(proc), 0)
         logs = os.path.join(project.root, "logs")
-        text = "".join(open(os.path.join(logs, n)).read() for n in os.listdir(logs)
-                       if n.startswith("worker_fastapi_"))
+        text = "".join(
+            open(os.path.join(logs, n)).read()
+            for n in os.listdir(logs)
+            if n.startswith("worker_fastapi_")
+        )
         self.assertIn("fastapi lifespan shutdown ran", text)
 
+    async def _serve_script_drains(self, project):
+        """The same app handed to serve() in a script, on the worker's venv: served on
+        uvicorn (not a 500 per request); SIGTERM with a request in flight lets it finish,
+        then lifespan shutdown runs."""
+        from twisted.internet import reactor
 
-STARTUP_OK = '''
+        from tqserver.runtimes.python import WORKER_PATH
+
+        from .test_worker_runtime import WorkerProcess, free_port
+
+        worker = os.path.join(project.root, "workers", "fastapi")
+        project.write(
+            "workers/fastapi/serve_it.py",
+            "from main import app\nfrom tqserver.worker import serve\nserve(app)\n",
+        )
+        port = free_port()
+        env = dict(os.environ, WORKER_PORT=str(port), PYTHONPATH=WORKER_PATH)
+        env.pop("TQSERVER_URL", None)
+        python = os.path.join(worker, ".venv", "bin", "python")
+        child = WorkerProcess()
+        reactor.spawnProcess(child, python, [python, "serve_it.py"], env=env, path=worker)
+
+        def reap():
+            if child.running:
+                child.signal("KILL")
+            return child.ended()
+
+        self.addCleanup(reap)
+        client = Client(self)
+        url = f"http://127.0.0.1:{port}"
+        await wait_until(lambda: self._answers(client, url + "/health"), 60, "serve(app) up")
+        response, body = await client.get(url + "/where")
+        self.assertEqual(response.code, 200, body)
+        slow = d(client.get(url + "/slow"))
+        await child.wait_for("out", b"SLOW-BEGIN", 20)
+        child.signal("TERM")
+        response, body = await slow
+        self.assertEqual((response.code, body), (200, b'"slow done"'))
+        code = await child.ended()
+        # uvicorn (recent versions) re-raises the signal once its shutdown is done: so the process
+        # ends by SIGTERM after draining, rather than with status 0.
+        self.assertIn((code, child.exit_signal), [(0, None), (None, 15)], child.err)
+        self.assertIn(b"fastapi lifespan shutdown ran", child.out)
+        self.assertIn(b"Application shutdown complete", child.err)
+
+    async def _answers(self, client, url):
+        try:
+            response, _ = await client.get(url)
+        except Exception:
+            return False
+        return response.code == 200
+
+
+STARTUP_OK = """
 from tqserver.worker import serve
 
 def app(environ, start_response):
@@ -220,7 +300,7 @@ def app(environ, start_response):
     return [b"version %d"]
 
 serve(app)
-'''
+"""
 
 
 class StartupFailureTests(FrameworkBase):
@@ -239,6 +319,7 @@ class StartupFailureTests(FrameworkBase):
         async def crash_looping():
             _, health = await client.get_json(project.url + "/health")
             return health["workers"]["app"]["crash_loop"]
+
         await wait_until(crash_looping, 60, "crash_loop: true in /health", proc)
         response, page = await client.get(project.url + "/app/")
         self.assertEqual(response.code, 500)
@@ -257,6 +338,7 @@ class StartupFailureTests(FrameworkBase):
         async def start_failed_page():
             response, page = await client.get(project.url + "/app/")
             return response.code == 500 and b"SyntaxError" in page
+
         await wait_until(start_failed_page, 60, "the SyntaxError on the page", proc)
         _, status = await client.get_json(project.url + "/_tqserver/api/status")
         self.assertEqual(len(status["workers"]["app"]["instances"]), 1)  # the old one
@@ -266,6 +348,7 @@ class StartupFailureTests(FrameworkBase):
         async def fixed():
             _, body = await client.get(project.url + "/app/")
             return body == b"version 2"
+
         await wait_until(fixed, 60, "version 2 served", proc)
 
 
@@ -290,6 +373,7 @@ class InstallTests(FrameworkBase):
         async def failed_page():
             response, page = await client.get(url)
             return response.code == 500 and b"Build failed" in page
+
         await wait_until(failed_page, 120, "the failed install on the page", proc)
         _, page = await client.get(url)
         self.assertIn(b"flask", page)
@@ -301,18 +385,24 @@ class InstallTests(FrameworkBase):
         # Fixed, and the code edited while that install runs: both end up served.
         project.write("workers/deps/requirements.txt", "itsdangerous\n")
         await sleep(0.2)
-        project.write("workers/deps/src/main.py",
-                      STARTUP_OK.replace("from tqserver", "import itsdangerous\nfrom tqserver")
-                      % 2)
+        project.write(
+            "workers/deps/src/main.py",
+            STARTUP_OK.replace("from tqserver", "import itsdangerous\nfrom tqserver") % 2,
+        )
 
         async def served():
             _, body = await client.get(url)
             return body == b"version 2"
+
         await wait_until(served, 120, "version 2 (importing itsdangerous)", proc)
 
 
-HONO_PACKAGE = {"name": "hono-app", "private": True, "type": "module",
-                "dependencies": {"hono": "^4.6.0"}}
+HONO_PACKAGE = {
+    "name": "hono-app",
+    "private": True,
+    "type": "module",
+    "dependencies": {"hono": "^4.6.0"},
+}
 HONO_APP = """
 import { Hono } from "hono";
 
@@ -344,6 +434,7 @@ class HonoTests(FrameworkBase):
 
     def setUp(self):
         from .test_polyglot_integration import require_bun
+
         require_bun()
 
     def test_hono_and_hot_reload_across_bun_install(self):
@@ -351,8 +442,10 @@ class HonoTests(FrameworkBase):
 
     async def _hono(self):
         project = self.make_project()
-        project.write("workers/hono/config/worker.yaml",
-                      "type: bun\nstrip_prefix: false\nhealth_path: /hono/health\n")
+        project.write(
+            "workers/hono/config/worker.yaml",
+            "type: bun\nstrip_prefix: false\nhealth_path: /hono/health\n",
+        )
         project.write("workers/hono/package.json", json.dumps(HONO_PACKAGE))
         project.write("workers/hono/index.ts", HONO_APP.replace("VERSION", "v1"))
         project.write("workers/py/src/main.py", PY_VERSION.replace("VERSION", "v1"))
@@ -366,12 +459,14 @@ class HonoTests(FrameworkBase):
         self.assertEqual((response.code, body), (200, b"hono v1"))
         response, body = await client.get(base + "/items/42")
         self.assertEqual(json.loads(body), {"id": "42"})
-        response, body = await client.request(b"POST", base + "/items", b'{"a": [1, 2]}',
-                                              {"Content-Type": "application/json"})
+        response, body = await client.request(
+            b"POST", base + "/items", b'{"a": [1, 2]}', {"Content-Type": "application/json"}
+        )
         self.assertEqual((response.code, json.loads(body)), (201, {"got": {"a": [1, 2]}}))
         response, _ = await client.get(base + "/old")
-        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
-                         (302, ["/hono/items/1"]))
+        self.assertEqual(
+            (response.code, response.headers.getRawHeaders("location")), (302, ["/hono/items/1"])
+        )
 
         # A new dependency while the server runs: bun install again, into node_modules.
         package = dict(HONO_PACKAGE, dependencies={"hono": "^4.6.0", "ms": "^2.1.3"})
@@ -384,11 +479,13 @@ class HonoTests(FrameworkBase):
         project.write("workers/hono/index.ts", HONO_APP.replace("VERSION", "v2"))
         project.write("workers/py/src/main.py", PY_VERSION.replace("VERSION", "v2"))
         for url, want in [(base, b"hono v2"), (project.url + "/py/", b"py v2")]:
-            await wait_until(lambda u=url, w=want: self._serves(client, u, w), 120,
-                             f"{want!r} at {url}", proc)
+            await wait_until(
+                lambda u=url, w=want: self._serves(client, u, w), 120, f"{want!r} at {url}", proc
+            )
         _, health = await client.get_json(project.url + "/health")
-        self.assertEqual((health["watcher"]["status"], health["watcher"]["failures"]),
-                         ("watching", 0))
+        self.assertEqual(
+            (health["watcher"]["status"], health["watcher"]["failures"]), ("watching", 0)
+        )
         # Nothing under node_modules is watched: a handful of directories, not hundreds.
         watches = inotify_watches(proc.transport.pid)
         self.assertLess(watches, 15, "inotify watches of twistd")
@@ -422,6 +519,7 @@ echo isset($_SESSION['user']) ? "logged in as {$_SESSION['user']}" : 'login plea
 class PhpPrefixTests(FrameworkBase):
     def setUp(self):
         from .php_support import require_php_fpm
+
         require_php_fpm()
 
     def test_cookie_path_from_the_prefix_is_not_doubled(self):
@@ -436,10 +534,14 @@ class PhpPrefixTests(FrameworkBase):
         await self.wait_healthy(client, project, proc, ["admin"])
         base = project.url + "/admin/"
         response, body = await client.request(
-            b"POST", base + "?next=1", b"user=ann",
-            {"Content-Type": "application/x-www-form-urlencoded"})
-        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
-                         (302, ["/admin/"]), body)
+            b"POST",
+            base + "?next=1",
+            b"user=ann",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self.assertEqual(
+            (response.code, response.headers.getRawHeaders("location")), (302, ["/admin/"]), body
+        )
         session, attributes = cookie_of(response, "PHPSESSID")
         self.assertEqual(attributes.get("path"), "/admin/")
         # A browser sends the cookie back to /admin/ because its path covers it.

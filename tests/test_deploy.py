@@ -179,6 +179,10 @@ class DeployLocalTests(DeployTestBase):
         self.assertEqual(code, 0, out)
         self.assertEqual(await body_of(self.client, node.url + "/app/"), b"app v4")
         self.assertEqual(len(node.releases()), 3)
+        self.assertEqual(len([r for r in node.releases() if r.endswith(".failed")]), 1)
+        code, out = await self.deploy("--rollback", "local")     # never to the failed one
+        self.assertEqual(code, 0, out)
+        self.assertEqual(node.current_release(), first)
 
 
 class ConfigErrorTests(unittest.TestCase):

@@ -220,6 +220,10 @@ class Deployer:
             pid = releases.hangup(host, host.target.pidfile)
         except ReleaseError as e:
             return f"switching back to {previous} failed too: {e}"
+        try:
+            releases.mark_failed(host, self.release)
+        except ReleaseError as e:
+            self.say(host.target, "revert", str(e))
         self.say(host.target, "revert", f"current -> releases/{previous}")
         if pid is None:
             return f"current points to {previous} again"

@@ -22,6 +22,9 @@ from tqserver.supervise.revision import FILE as REVISION_FILE
 NAME = re.compile(r"^[A-Za-z0-9._:+@-]+$")  # what a REVISION line keeps (supervise.revision)
 
 
+FAILED = ".failed"  # the suffix of a release that did not serve and was switched back from
+
+
 class ReleaseError(Exception):
     """A command on the target failed; the message has its output."""
 
@@ -30,6 +33,7 @@ class ReleaseError(Exception):
 class State:
     current: str | None  # the release name current points to
     releases: list[str]  # every release name, oldest first
+    failed: list[str] = attrs.field(factory=list)  # releases switched back from (*.failed)
 
     @property
     def previous(self) -> str | None:
@@ -59,8 +63,9 @@ if [ -d "$root/releases" ]; then ls -1 "$root/releases"; fi
 def state(host: Host) -> State:
     out = _check(host, "reading the releases", _STATE, host.path()).splitlines()
     current = out[0].split("=", 1)[1] if out and out[0].startswith("current=") else ""
-    names = sorted(n for n in out[1:] if NAME.match(n) and not n.endswith(".tmp"))
-    return State(current or None, names)
+    names = sorted(n for n in out[1:] if NAME.match(n))
+    good = [n for n in names if not n.endswith(FAILED)]
+    return State(current or None, good, [n for n in names if n.endswith(FAILED)])
 
 
 _PREPARE = r"""
@@ -115,10 +120,18 @@ def remove(host: Host, names: list[str]) -> None:
 
 
 def to_prune(state: State, keep: int) -> list[str]:
-    """The oldest releases beyond ``keep``, never the current one or the one before it."""
+    """The oldest releases beyond ``keep``, never the current one or the one before it;
+    failed releases but the last (kept to look at)."""
     spare = {state.current, state.previous}
     surplus = len(state.releases) - keep
-    return [n for n in state.releases if n not in spare][: max(surplus, 0)]
+    return [n for n in state.releases if n not in spare][: max(surplus, 0)] + state.failed[:-1]
+
+
+def mark_failed(host: Host, name: str) -> None:
+    """Rename a release that did not serve (running processes keep their directory), so
+    --rollback never goes back to it."""
+    old = host.path(f"releases/{name}")
+    _check(host, "marking the release failed", 'mv -T -- "$1" "$2"', old, old + FAILED)
 
 
 _HUP = r"""

@@ -76,6 +76,11 @@ class CommandLineTests(IntegrationBase):
         for _ in range(5):
             await client.get(project.url + "/app/x")
 
+        async def sampled():  # the windows take a sample each second
+            _, status = await client.get_json(project.url + "/_tqserver/api/status")
+            return status["workers"]["app"]["requests"]["requests"] == 5
+        await wait_until(sampled, 10, "the requests in the last minute's window", proc)
+
         code, out, err = await tqserver(project.root, "status")
         self.assertEqual(code, 0, err)
         header, *rows = out.splitlines()

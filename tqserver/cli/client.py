@@ -10,6 +10,7 @@ import http.client
 import json
 import socket
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import quote
 
 import attrs
@@ -130,11 +131,11 @@ class Client:
             if kind == "status":
                 yield data
 
-    def _events(self, path: str) -> Iterator[tuple[str, object]]:
+    def _events(self, path: str) -> Iterator[tuple[str, Any]]:
         # The server sends a heartbeat at least every 15 s: a minute of silence is a hang.
         conn, response = self._open("GET", path, 60.0)
         try:
-            kind, data = "message", []
+            kind, data = "message", []  # type: tuple[str, list[str]]
             while True:
                 raw = response.readline()
                 if not raw:

@@ -109,6 +109,13 @@ class CommandLineTests(IntegrationBase):
             return follower.ended
         self.addCleanup(stop_follower)
 
+        # The follower is attached once it shows a line served after it started (its
+        # interpreter can take seconds to start on a loaded machine).
+        async def attached():
+            await client.get(project.url + "/app/attached")
+            return b"served /attached" in follower.out
+        await wait_until(attached, 30, "logs -f to attach", proc)
+
         code, out, err = await tqserver(project.root, "reload", "app")
         self.assertEqual((code, out.strip()), (0, "reloading app"), err)
 
@@ -130,7 +137,9 @@ class CommandLineTests(IntegrationBase):
         frames = [json.loads(line) for line in out.splitlines()]
         self.assertEqual(len(frames), 2)
         self.assertEqual(sorted(frames[-1]["workers"]), ["api", "app"])
-        self.assertNotEqual(frames[-1]["workers"]["app"]["instances"][0]["pid"], old_pid)
+        serving = [i["pid"] for i in frames[-1]["workers"]["app"]["instances"] if i["serving"]]
+        self.assertNotIn(old_pid, serving)
+        self.assertTrue(serving)
         code, out, err = await tqserver(project.root, "top", "--count", "1")
         self.assertEqual(code, 0, err)
         self.assertIn("tqserver top", out)

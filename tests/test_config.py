@@ -53,7 +53,7 @@ class ServerDefaultsTests(unittest.TestCase):
             "shutdown_grace_period_ms": 500, "kill_timeout_ms": 5000,
             "health_check_interval_ms": 10000, "health_check_timeout_ms": 1000,
             "health_check_failures": 3, "restart_backoff_min_ms": 100,
-            "restart_backoff_max_ms": 30000})
+            "restart_backoff_max_ms": 30000, "cgroups": True})
 
     def test_other_sections(self):
         c = default_server_config()

@@ -11,7 +11,9 @@ from twisted.trial import unittest
 
 from tqserver.runtimes import BuildStep
 from tqserver.supervise.build import run_build
+from tqserver.supervise.cgroups import CgroupParent
 from tqserver.supervise.instance import Instance
+from tqserver.supervise.proctree import ProcTable
 
 
 def pid_alive(pid: int) -> bool:
@@ -93,6 +95,102 @@ class InstanceTests(unittest.TestCase):
         yield inst.ended()
         self.assertEqual(exits, [7])
         self.assertEqual(inst.describe_exit(), "exited with status 7")
+
+
+# A worker whose helper outlives it unless found: "session" starts a sleeper in a new
+# session (setsid: out of the process group), still its child; "orphan" double-forks one
+# (its parent exits at once, so no parent link is left to follow); "group" leaves a child
+# in the group that holds the output pipes after the leader dies (a php-fpm pool's). Each
+# prints the helper's pid; the helpers ignore SIGTERM.
+STRAYS = r"""
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+sleeper = [sys.executable, "-c",
+           "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
+how = sys.argv[1]
+if how == "orphan":
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        child = subprocess.Popen(sleeper)
+        os.write(w, str(child.pid).encode())
+        os._exit(0)
+    os.close(w)
+    pid = int(os.read(r, 100))
+    os.wait()
+else:
+    pid = subprocess.Popen(sleeper, start_new_session=how == "session").pid
+print("helper", pid, flush=True)
+time.sleep(120)
+"""
+
+
+class StrayTests(unittest.TestCase):
+    """Stopping an instance finds and kills what it left outside its process group, and
+    the leader's exit is noticed even while others hold its output pipes."""
+
+    cgroup = False
+
+    def spawn(self, how: str):
+        lines = []
+        script = self.mktemp() + ".py"
+        with open(script, "w") as f:
+            f.write(STRAYS)
+        cgroup = None
+        if self.cgroup:
+            parent = CgroupParent.find()
+            if parent is None:
+                raise unittest.SkipTest("no writable cgroup v2 hierarchy here")
+            self.addCleanup(parent.remove)
+            cgroup = parent.create("w#1")
+            # its cgroup goes too, once what was killed in it is gone
+            self.addCleanup(lambda: defer.ensureDeferred(
+                wait_for(lambda: not os.path.exists(cgroup.path))))
+        inst = Instance(reactor, "w", "w#1", 0, [sys.executable, script, how], dict(os.environ),
+                        os.getcwd(), lines.append, procs=ProcTable(), cgroup=cgroup)
+        inst.start()
+        self.addCleanup(lambda: inst.stop(0.1) if inst.state != "exited" else None)
+        return inst, lines
+
+    async def helper(self, lines) -> int:
+        await wait_for(lambda: b"helper" in b"".join(lines))
+        helper = int(b"".join(lines).split(b"helper ")[1].split()[0])
+        self.addCleanup(lambda: pid_alive(helper) and os.kill(helper, signal.SIGKILL))
+        self.assertTrue(pid_alive(helper))
+        return helper
+
+    @defer.inlineCallbacks
+    def test_new_session_child_killed_on_stop(self):
+        inst, lines = self.spawn("session")
+        helper = yield defer.ensureDeferred(self.helper(lines))
+        self.assertNotEqual(os.getpgid(helper), inst.pid)
+        yield inst.stop(1.0)   # the leader goes on SIGTERM; the helper only with SIGKILL
+        self.assertEqual(inst.state, "exited")
+        yield defer.ensureDeferred(wait_for(lambda: not pid_alive(helper)))
+
+    @defer.inlineCallbacks
+    def test_group_child_holding_the_pipes_after_kill_9(self):
+        exits = []
+        inst, lines = self.spawn("group")
+        inst.on_exit = lambda i, reason: exits.append(i.exit_signal)
+        helper = yield defer.ensureDeferred(self.helper(lines))
+        os.kill(inst.pid, signal.SIGKILL)   # not through stop(): a crash
+        yield inst.ended()
+        self.assertEqual(exits, [signal.SIGKILL])
+        yield defer.ensureDeferred(wait_for(lambda: not pid_alive(helper)))
+
+
+class CgroupStrayTests(StrayTests):
+    cgroup = True
+
+    @defer.inlineCallbacks
+    def test_double_forked_orphan_killed_on_stop(self):
+        inst, lines = self.spawn("orphan")
+        helper = yield defer.ensureDeferred(self.helper(lines))
+        self.assertIn(helper, inst.cgroup.pids())
+        yield inst.stop(1.0)
+        yield defer.ensureDeferred(wait_for(lambda: not pid_alive(helper)))
+        yield defer.ensureDeferred(wait_for(lambda: not os.path.exists(inst.cgroup.path)))
 
 
 class BuildTests(unittest.TestCase):

@@ -34,6 +34,7 @@ from tqserver.proxy.access_log import AccessLog
 from tqserver.proxy.front import Front
 from tqserver.proxy.site import ProxySite
 from tqserver.proxy.state import ProxyState
+from tqserver.supervise.proctree import ProcTable
 from tqserver.supervise.supervisor import Supervisor
 from tqserver.supervise.watch import DevWatcher, HangupReload
 from tqserver.twisted_compat import forget_exit_signal
@@ -304,6 +305,7 @@ def makeService(options: Options, reactor=None) -> TQServer:
         + ([fleet.pool_changed] if fleet else []),
         config_listeners=[log_file_follows] + ([fleet.configure] if fleet else []),
         idle=fleet.idle if fleet else None,
+        procs=ProcTable(),
     )
     supervisor.setServiceParent(top)
     events.setServiceParent(top)

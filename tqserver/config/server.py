@@ -60,6 +60,8 @@ class WorkersSection:
     health_check_failures: int = _f(3, _int(1))
     restart_backoff_min_ms: int = _f(100, _int(0))
     restart_backoff_max_ms: int = _f(30000, _int(0))
+    # A cgroup (v2) per instance where the machine allows it (root, or a delegated one).
+    cgroups: bool = _f(True, _bool)
 
 
 @attrs.frozen

@@ -18,7 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tqserver.runtimes import HTTP_PROBE, Probe
+from tqserver.supervise.cgroups import Cgroup
 from tqserver.supervise.lifecycle import Stopper
+from tqserver.supervise.proctree import Ident, ProcInfo, ProcTable
 from tqserver.supervise.rotation import InFlight
 
 log = Logger()
@@ -58,6 +60,10 @@ def signal_group(pid: int | None, sig: int) -> bool:
     except OSError:
         return False
 
+
+# Once the leader exited and its group and strays were killed, how long its pipes may take
+# to bring the last output before they are closed (a stray we could not find may hold them).
+PIPE_GRACE_SECONDS = 0.25
 
 TAIL_LINES = 40  # the last lines of output an instance keeps (shown when it fails to start)
 
@@ -126,6 +132,8 @@ class Instance(InFlight, ProcessProtocol):
         probe: Probe = HTTP_PROBE,
         files: Sequence[str] = (),
         stop_signal: int = signal.SIGTERM,
+        procs: ProcTable | None = None,
+        cgroup: Cgroup | None = None,
     ) -> None:
         self.reactor = reactor
         self.worker = worker
@@ -151,14 +159,19 @@ class Instance(InFlight, ProcessProtocol):
         self.exit_code: int | None = None
         self.exit_signal: int | None = None
         self.stopping = False
+        # Where its processes are found besides its process group: its cgroup (when the
+        # machine gives us one), and every descendant seen while it ran (``track``), each
+        # with its start time. Without ``procs`` (tests on fake processes) neither is used.
+        self.procs = procs
+        self.cgroup = cgroup
+        self.family: dict[int, int] = {}  # pid -> start time
+        self.leader_start: int | None = None
         self._sink = LineSink(b"[" + instance_id.encode() + b"]", output)
         self._ended: list[defer.Deferred] = []
-        # signal_group looked up when called (tests stand in for it)
-        self._stopper = Stopper(
-            reactor,
-            lambda sig: signal_group(self.pid, sig),
-            f"instance {instance_id} of {worker}",
-        )
+        self._leader_exited = False
+        self._kill_at: float | None = None  # when stopping must be over
+        self._close_call = None
+        self._stopper = Stopper(reactor, self._signal, f"instance {instance_id} of {worker}")
         self._idle_waiters: list[defer.Deferred] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -166,6 +179,8 @@ class Instance(InFlight, ProcessProtocol):
         self.state = InstanceState.STARTING
         self.started_at = self.reactor.seconds()
         argv = in_new_session(self.argv)
+        if self.cgroup is not None:
+            argv = self.cgroup.enter(argv)
         self.reactor.spawnProcess(self, argv[0], argv, env=self.env, path=self.cwd)
 
     @property
@@ -190,10 +205,48 @@ class Instance(InFlight, ProcessProtocol):
         after ``kill_timeout`` seconds; fires on exit."""
         if self.state is InstanceState.EXITED:
             return defer.succeed(self)
-        self.stopping = True
-        self.state = InstanceState.STOPPING
+        if not self.stopping:
+            self.stopping = True
+            self.state = InstanceState.STOPPING
+            self._kill_at = self.reactor.seconds() + kill_timeout
+            self.track()  # who is below it now, before the signal makes orphans of them
         self._stopper.stop(self.stop_signal, kill_timeout)
         return self.ended()
+
+    def track(self, table: list[ProcInfo] | None = None) -> bool:
+        """Note every process below the leader now (by parent links; ``table`` is one read
+        of /proc shared by all instances), and forget noted ones that are gone. A process
+        that left the group and whose parent exited is found this way only if it was seen
+        before: the supervisor calls this periodically. True when the family changed."""
+        if self.procs is None or self._leader_pid is None or self._leader_exited:
+            return False
+        if table is None:
+            table = list(self.procs.all())
+        alive = {p.pid: p.start for p in table if not p.zombie}
+        family = {pid: start for pid, start in self.family.items() if alive.get(pid) == start}
+        for p in self.procs.descendants(self._leader_pid, table):
+            family[p.pid] = p.start
+        changed = family != self.family
+        self.family = family
+        return changed
+
+    def members(self) -> list[Ident]:
+        return sorted(self.family.items())
+
+    def _signal(self, sig: int) -> None:
+        """The stop signal goes to the process group; SIGKILL goes to everything of it that
+        can be found: the group, the cgroup, and every descendant noted while it ran (even
+        one that made itself a new session), each only while its PID still names it."""
+        signal_group(self._leader_pid, sig)
+        if sig == signal.SIGKILL:
+            self._kill_strays()
+
+    def _kill_strays(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        if self.procs is not None:
+            for ident in self.members():
+                self.procs.kill_if_same(ident)
 
     # -- request accounting (the proxy calls these) ----------------------------------
     def request_started(self) -> None:
@@ -241,14 +294,42 @@ class Instance(InFlight, ProcessProtocol):
         except Exception:
             log.failure("{id}: writing its output failed (output dropped)", id=self.id)
 
-    def processEnded(self, reason: Failure) -> None:
-        self._sink.flush()
+    def processExited(self, reason: Failure) -> None:
+        """The leader exited (its pipes may still be open: a php-fpm master's pool
+        children hold them). Everything it left is killed now, and the pipes are closed
+        if they are not closed by then, so that the exit is noticed at once and a stop
+        always ends."""
+        self._note_exit(reason)
+        self._leader_exited = True
+        signal_group(self._leader_pid, signal.SIGKILL)
+        self._kill_strays()
+        delay = PIPE_GRACE_SECONDS
+        if self._kill_at is not None:
+            delay = max(0.0, min(delay, self._kill_at - self.reactor.seconds()))
+        self._close_call = self.reactor.callLater(delay, self._close_pipes)
+
+    def _close_pipes(self) -> None:
+        self._close_call = None
+        if self.state is not InstanceState.EXITED and self.transport is not None:
+            log.info("{id}: its output pipes outlived it; closing them", id=self.id)
+            self.transport.loseConnection()
+
+    def _note_exit(self, reason: Failure) -> None:
         if isinstance(reason.value, (error.ProcessDone, error.ProcessTerminated)):
             self.exit_code = reason.value.exitCode
             self.exit_signal = reason.value.signal
+
+    def processEnded(self, reason: Failure) -> None:
+        self._sink.flush()
+        self._note_exit(reason)
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
         # The leader is gone; anything it left in its group goes with it.
         signal_group(self._leader_pid, signal.SIGKILL)
+        self._kill_strays()
         self._stopper.ended()
+        self._remove_cgroup()
         self.state = InstanceState.EXITED
         for path in self.files:
             try:
@@ -262,10 +343,18 @@ class Instance(InFlight, ProcessProtocol):
             d.callback(self)
         self._wake_idle()
 
+    def _remove_cgroup(self, tries: int = 50) -> None:
+        """Its cgroup goes once the processes killed in it are gone (a moment later)."""
+        if self.cgroup is not None and not self.cgroup.remove() and tries:
+            self.cgroup.kill()
+            self.reactor.callLater(0.1, self._remove_cgroup, tries - 1)
+
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None  # connected
         self._leader_pid = transport.pid
+        if self.procs is not None and transport.pid is not None:
+            self.leader_start = self.procs.start_time(transport.pid)
         transport.closeStdin()
 
     _leader_pid: int | None = None

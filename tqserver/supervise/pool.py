@@ -20,11 +20,13 @@ from tqserver.logs.tail import LogTail
 from tqserver.runtimes import CannotBuild, Runtime
 from tqserver.supervise import build
 from tqserver.supervise.build import BuildResult
+from tqserver.supervise.cgroups import CgroupParent
 from tqserver.supervise.events import PoolEvent
 from tqserver.supervise.fingerprint import Fingerprint
 from tqserver.supervise.instance import Instance, InstanceState
 from tqserver.supervise.lifecycle import Backoff
 from tqserver.supervise.ports import PortPool, PortsExhausted
+from tqserver.supervise.proctree import ProcTable
 from tqserver.supervise.rotation import Rotation
 
 log = Logger()
@@ -58,6 +60,10 @@ class PoolContext:
     # Fires when no request is in flight on an instance anywhere (proxy processes included).
     idle: Callable[[Instance], defer.Deferred] = lambda inst: inst.idle()
     revision: Callable[[], str] = lambda: ""  # the release on disk now (REVISION)
+    # Where an instance's processes are found besides its process group (None: only
+    # there, as in tests on fake processes): /proc, and a cgroup per instance if allowed.
+    procs: ProcTable | None = None
+    cgroups: CgroupParent | None = None
 
 
 class WorkerPool(Rotation, Service):
@@ -515,6 +521,8 @@ class WorkerPool(Rotation, Service):
                 probe=self.runtime.probe,
                 files=launch.files,
                 stop_signal=self.runtime.stop_signal,
+                procs=self.ctx.procs,
+                cgroup=None if self.ctx.cgroups is None else self.ctx.cgroups.create(instance_id),
             )
             inst.recycle_after = jitter(self.max_requests)
             inst.on_request_limit = self._request_limit

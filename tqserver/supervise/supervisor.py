@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Callable
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from tqserver.config.discovery import WorkerSpec, discover, route_taken
@@ -18,15 +18,21 @@ from tqserver.proxy.router import RoutingTable
 from tqserver.proxy.state import ProxyState
 from tqserver.runtimes import ToolchainMissing, runtime_for
 from tqserver.supervise.events import PoolEvent, PoolListener
+from tqserver.supervise.cgroups import CgroupParent
 from tqserver.supervise.health import HealthChecker
 from tqserver.supervise.instance import Instance
 from tqserver.supervise.pool import PoolContext, WorkerPool
 from tqserver.supervise.ports import PortPool
 from tqserver.supervise.probe import Prober
+from tqserver.supervise.proctree import ProcTable
 from tqserver.supervise.records import InstanceRecords
 from tqserver.supervise.revision import read_revision
 
 log = Logger()
+
+# How often every instance's process tree is noted (ProcTable.descendants: one read of
+# /proc for all), so that a process that leaves its group is still known when it is stopped.
+TRACK_SECONDS = 2.0
 
 
 class Supervisor(MultiService):
@@ -52,6 +58,7 @@ class Supervisor(MultiService):
         listeners: Iterable[PoolListener] = (),
         config_listeners: Iterable[Callable[[ServerConfig], None]] = (),
         idle: Callable[[Instance], defer.Deferred] | None = None,
+        procs: ProcTable | None = None,
     ) -> None:
         MultiService.__init__(self)
         self.reactor = reactor
@@ -66,7 +73,12 @@ class Supervisor(MultiService):
         self.config_errors: list[Exception] = []
         w = state.config.workers
         self.ports = PortPool(w.port_range_start, w.port_range_end)
-        self.records = InstanceRecords(os.path.join(root, "run"), root)
+        # /proc, where instances' processes are tracked (None: only their process groups,
+        # as with fake processes in tests); then a cgroup each too, where allowed.
+        self.procs = procs
+        self.records = InstanceRecords(os.path.join(root, "run"), root, procs, reactor)
+        self._tracker = task.LoopingCall(self.track)
+        self._tracker.clock = reactor
         self.prober = Prober(reactor)
         self.prober.setServiceParent(self)
         self.checker = HealthChecker(
@@ -94,6 +106,7 @@ class Supervisor(MultiService):
             exited=self.records.forget,
             idle=idle or Instance.idle,
             revision=lambda: self.revision,
+            procs=self.procs,
         )
 
     @property
@@ -112,10 +125,40 @@ class Supervisor(MultiService):
     # -- lifecycle -------------------------------------------------------------------
     def startService(self) -> None:
         self.records.reap()
+        if self.procs is not None:
+            if self.config.workers.cgroups:
+                self.ctx.cgroups = CgroupParent.find()
+            self._tracker.start(TRACK_SECONDS, now=False)
         MultiService.startService(self)
         # Once the reactor runs: twistd installs its SIGTERM/SIGINT handlers then, so a
         # signal during a long first spawn (hundreds of instances) still stops them all.
         self.reactor.callWhenRunning(self._start_workers)
+
+    def stopService(self) -> defer.Deferred:
+        if self._tracker.running:
+            self._tracker.stop()
+        d = defer.maybeDeferred(MultiService.stopService, self)
+        d.addBoth(self._stopped)
+        return d
+
+    def _stopped(self, result):
+        if self.ctx.cgroups is not None:
+            self.ctx.cgroups.remove()
+        return result
+
+    def track(self) -> None:
+        """Note the processes below every instance (and rewrite the records of those whose
+        family changed, for the next start after a crash)."""
+        if self.procs is None:
+            return
+        table = list(self.procs.all())
+        for pool in self.pools.values():
+            for inst in list(pool.instances):
+                if inst.track(table):
+                    try:
+                        self.records.record(inst)
+                    except OSError as e:
+                        log.warn("cannot record {id}: {error}", id=inst.id, error=e)
 
     def _start_workers(self) -> None:
         if self.running:

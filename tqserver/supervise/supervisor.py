@@ -17,8 +17,8 @@ from tqserver.config.server import ServerConfig, load_server_config
 from tqserver.proxy.router import RoutingTable
 from tqserver.proxy.state import ProxyState
 from tqserver.runtimes import ToolchainMissing, runtime_for
-from tqserver.supervise.events import PoolEvent, PoolListener
 from tqserver.supervise.cgroups import CgroupParent
+from tqserver.supervise.events import PoolEvent, PoolListener
 from tqserver.supervise.health import HealthChecker
 from tqserver.supervise.instance import Instance
 from tqserver.supervise.pool import PoolContext, WorkerPool

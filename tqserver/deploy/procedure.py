@@ -106,13 +106,17 @@ class Deployer:
         self._built = True
 
     # -- one target ------------------------------------------------------------------------
-    def deploy(self, target: TargetConfig) -> None:
-        """Ship, switch, reload, wait; raises StepFailed saying what serves."""
+    def connect(self, target: TargetConfig) -> tuple[Host, releases.State]:
+        """The target's host and what its releases/ holds; StepFailed when unreachable."""
         host = Host(target)
         try:
-            state = releases.state(host)
+            return host, releases.state(host)
         except ReleaseError as e:
             raise StepFailed(target.name, "connect", str(e), "nothing was changed") from None
+
+    def deploy(self, target: TargetConfig) -> None:
+        """Ship, switch, reload, wait; raises StepFailed saying what serves."""
+        host, state = self.connect(target)
         previous = state.current
         unchanged = (
             f"nothing was changed: {previous} still serves"
@@ -247,11 +251,7 @@ class Deployer:
 
     # -- rollback ----------------------------------------------------------------------------
     def rollback(self, target: TargetConfig) -> None:
-        host = Host(target)
-        try:
-            state = releases.state(host)
-        except ReleaseError as e:
-            raise StepFailed(target.name, "connect", str(e), "nothing was changed") from None
+        host, state = self.connect(target)
         back = state.previous
         if back is None:
             raise StepFailed(

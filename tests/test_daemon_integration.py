@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import signal
 
 from twisted.trial import unittest
 
-from .support import Client, wait_until
-from .test_integration import PY_WORKER, IntegrationBase, _alive, _kill_quietly, d
+from .support import Client
+from .test_integration import PY_WORKER, IntegrationBase, d
 
 PRLIMIT = shutil.which("prlimit")
 
@@ -37,11 +36,7 @@ class FreshDaemonTests(IntegrationBase):
         pidfile = os.path.join(project.root, "run", "tqserver.pid")
         logfile = os.path.join(project.root, "logs", "twistd.log")
 
-        async def pidfile_written():
-            return os.path.exists(pidfile) and os.path.getsize(pidfile) > 0
-        await wait_until(pidfile_written, 30, "the pidfile")
-        pid = int(open(pidfile).read())
-        self.addCleanup(lambda: _kill_quietly(pid))
+        pid = await self.daemon_started(pidfile)
         client = Client(self)
         await self.wait_healthy(client, project, None, ["app"], timeout=60)
         # twistd's --logfile is the daemon's server log: where a failed start is told
@@ -51,8 +46,4 @@ class FreshDaemonTests(IntegrationBase):
         with open(f"/proc/{pid}/limits") as f:
             [line] = [x for x in f if x.startswith("Max open files")]
         self.assertEqual(line.split()[3:5], [str(hard), str(hard)])
-        os.kill(pid, signal.SIGTERM)
-
-        async def gone():
-            return not os.path.exists(pidfile) and not _alive(pid)
-        await wait_until(gone, 30, "the daemon to exit and remove its pidfile")
+        await self.stop_daemon(pid, pidfile)

@@ -52,6 +52,23 @@ class IntegrationBase(unittest.TestCase):
         self.addCleanup(lambda: None if proc.done else d(stop_twistd(proc)))
         return proc
 
+    async def daemon_started(self, pidfile: str) -> int:
+        """The pid a daemonized twistd wrote to ``pidfile`` (killed at cleanup if left)."""
+        async def pidfile_written():
+            return os.path.exists(pidfile) and os.path.getsize(pidfile) > 0
+        await wait_until(pidfile_written, 30, "the pidfile")
+        pid = int(open(pidfile).read())
+        self.addCleanup(lambda: _kill_quietly(pid))
+        return pid
+
+    async def stop_daemon(self, pid: int, pidfile: str) -> None:
+        """SIGTERM, then wait for the daemon to exit and remove its pidfile."""
+        os.kill(pid, signal.SIGTERM)
+
+        async def gone():
+            return not os.path.exists(pidfile) and not _alive(pid)
+        await wait_until(gone, 30, "the daemon to exit and remove its pidfile")
+
     async def wait_healthy(self, client: Client, project: Project, proc, workers, timeout=180):
         last = {}
 

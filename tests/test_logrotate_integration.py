@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 
 import psutil
 from twisted.internet import utils
 from twisted.trial import unittest
 
 from .support import REPO, Client, wait_until
-from .test_integration import IntegrationBase, _alive, _kill_quietly, d
+from .test_integration import IntegrationBase, _alive, d
 
 LOGROTATE = shutil.which("logrotate") or "/usr/sbin/logrotate"
 CONF = os.path.join(REPO, "etc", "logrotate.d", "tqserver")
@@ -58,11 +57,7 @@ class LogrotateTests(IntegrationBase):
         self.start(project, "--mode", "prod", daemon=True)
         pidfile = os.path.join(project.root, "run", "tqserver.pid")
 
-        async def pidfile_written():
-            return os.path.exists(pidfile) and os.path.getsize(pidfile) > 0
-        await wait_until(pidfile_written, 30, "the pidfile")
-        pid = int(open(pidfile).read())
-        self.addCleanup(lambda: _kill_quietly(pid))
+        pid = await self.daemon_started(pidfile)
         client = Client(self)
         await self.wait_healthy(client, project, None, ["app"], timeout=60)
         [worker] = [p for p in psutil.Process(pid).children() if p.is_running()]
@@ -105,8 +100,4 @@ class LogrotateTests(IntegrationBase):
                                   lines_with(path + ".1", f"/after-{i}")), (1, 0), (path, i))
             self.assertEqual(os.stat(path).st_mode & 0o777, 0o640)
 
-        os.kill(pid, signal.SIGTERM)
-
-        async def gone():
-            return not os.path.exists(pidfile) and not _alive(pid)
-        await wait_until(gone, 30, "the daemon to exit and remove its pidfile")
+        await self.stop_daemon(pid, pidfile)

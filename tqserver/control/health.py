@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def worker_healthy(pool) -> bool:
+    """A healthy instance of the worker serves: in rotation, its last probe passed."""
+    return any(not inst.health_failures for inst in pool.serving)
+
+
 def aggregate(pools: Iterable, watcher=None) -> tuple[int, dict]:
     """(HTTP status, body) for GET /health: healthy when every worker is (and the dev file
     watcher, if any, watches), unhealthy (503) when no worker serves at all, degraded

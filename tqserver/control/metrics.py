@@ -24,8 +24,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from tqserver.control.health import worker_healthy
 from tqserver.logs.files import DROPPED_LINES
 from tqserver.supervise.events import PoolEvent
+from tqserver.supervise.instance import InstanceState
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -154,6 +156,12 @@ class Metrics:
         self.instances = Gauge(
             "tqserver_worker_instances", "Instances by state", ["worker", "state"], registry=r
         )
+        self.healthy = Gauge(
+            "tqserver_worker_healthy",
+            "1 when a healthy instance of the worker serves (as /health/<worker>: 200)",
+            ["worker"],
+            registry=r,
+        )
         self.restarts = Counter(
             "tqserver_worker_restarts", "Instance restarts", ["worker", "reason"], registry=r
         )
@@ -200,16 +208,20 @@ class Metrics:
             self.restarts.labels(pool.name, "health").inc()
 
     def refresh(self, pools) -> None:
-        """Gauges that are cheaper to read at scrape time than to keep current."""
+        """Gauges that are cheaper to read at scrape time than to keep current. Every known
+        worker has every series, 0 included (a worker with no instance reads 0 in each
+        state, so ``== 0`` alerts fire); a removed worker's are gone."""
         self.instances.clear()
         self.in_flight.clear()
+        self.healthy.clear()
         for pool in pools:
-            states: dict[str, int] = {}
+            states = dict.fromkeys(STATES, 0)
             for inst in pool.instances:
                 state = str(inst.state)
                 states[state] = states.get(state, 0) + 1
             for state, n in states.items():
                 self.instances.labels(pool.name, state).set(n)
+            self.healthy.labels(pool.name).set(1 if worker_healthy(pool) else 0)
             self.in_flight.labels(pool.name).set(
                 sum(i.inflight + i.inflight_elsewhere for i in pool.instances)
             )
@@ -220,3 +232,4 @@ class Metrics:
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
+STATES = tuple(str(state) for state in InstanceState)  # each has a series per worker

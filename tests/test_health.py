@@ -1,18 +1,27 @@
-"""The aggregated /health answer, the HealthChecker's rounds (task.Clock), and the HTTP
+"""/health, /health/<worker>, /health/live and /health/ready (with health.degraded_status),
+pool readiness, the HealthChecker's rounds (task.Clock), and the HTTP
 prober against real loopback servers."""
 from __future__ import annotations
 
+import os
+import textwrap
 from types import SimpleNamespace
 
+import attrs
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from tqserver.config.errors import ConfigError
+from tqserver.config.server import default_server_config, load_server_config
 from tqserver.control.health import aggregate
+from tqserver.control.reserved import Reserved, ReservedPaths
 from tqserver.supervise import health as health_checker
 from tqserver.supervise import probe as health_probe
 from tqserver.supervise.health import HealthChecker
 from tqserver.supervise.probe import Prober
+
+from .test_pool import PoolTestBase
 
 
 class FakePool:
@@ -40,6 +49,12 @@ class AggregateTests(unittest.TestCase):
         code, body = aggregate([FakePool("a", "failed"), FakePool("b", "stopped")])
         self.assertEqual((code, body["status"]), (503, "unhealthy"))
         self.assertEqual(aggregate([])[0], 503)
+
+    def test_degraded_status_is_configurable(self) -> None:
+        pools = [FakePool("a", "healthy"), FakePool("b", "failed")]
+        code, body = aggregate(pools, degraded_status=503)
+        self.assertEqual((code, body["status"]), (503, "degraded"))
+        self.assertEqual(aggregate([FakePool("a", "healthy")], degraded_status=503)[0], 200)
 
     def test_a_failed_file_watcher_degrades_and_is_shown(self) -> None:
         watcher = SimpleNamespace(describe=lambda: {"status": "failed", "error": "overflow"})
@@ -319,3 +334,216 @@ class HealthCheckerTests(unittest.TestCase):
         self.clock.pump([0.125] * 4)
         self.assertEqual(len(self.probed), 2)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HealthConfigTests(unittest.TestCase):
+    def load(self, text: str):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "server.yaml")
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path, load_server_config(path)[0]
+
+    def test_default_is_200(self) -> None:
+        self.assertEqual(default_server_config().health.degraded_status, 200)
+
+    def test_503(self) -> None:
+        _, config = self.load("health:\n  degraded_status: 503\n")
+        self.assertEqual(config.health.degraded_status, 503)
+
+    def test_anything_else_is_an_error_with_its_place(self) -> None:
+        for value in ("404", '"503"', "degraded"):
+            directory = self.mktemp()
+            os.makedirs(directory)
+            path = os.path.join(directory, "server.yaml")
+            with open(path, "w") as f:
+                f.write(f"health:\n  degraded_status: {value}\n")
+            err = self.assertRaises(ConfigError, load_server_config, path)
+            self.assertTrue(str(err).startswith(f"{path}:2:20: health.degraded_status: "),
+                            str(err))
+            self.assertIn("200 or 503", str(err))
+
+
+class Request:
+    """What Reserved.health uses of a ProxyRequest."""
+
+    def __init__(self, path: bytes, method: bytes = b"GET") -> None:
+        from twisted.web.http_headers import Headers
+        self.path = path
+        self.method = method
+        self.responseHeaders = Headers()
+        self.code = None
+        self.body = b""
+        self.finished = False
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def finish_when_read(self) -> None:
+        self.finished = True
+
+    def json(self):
+        import json
+        return json.loads(self.body)
+
+
+class ServingPool:
+    """What /health/... use of a WorkerPool."""
+
+    def __init__(self, name: str, status: str = "healthy", serving: int = 1,
+                 ready: bool = True, failures: int = 0) -> None:
+        self.name = name
+        self.status = status
+        self.serving = tuple(SimpleNamespace(health_failures=failures) for _ in range(serving))
+        self.ready = ready
+
+    def describe(self) -> dict:
+        return {"status": self.status, "instances": len(self.serving), "ready": self.ready}
+
+
+class FakeSupervisor:
+    """What Reserved uses of the Supervisor for /health."""
+
+    def __init__(self, config) -> None:
+        self.state = SimpleNamespace(config=config)
+        self.pools: dict = {}
+        self.revision = "r1"
+        self.running = True
+
+    @property
+    def config(self):
+        return self.state.config
+
+
+class ReservedHealthTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.config = default_server_config()
+        self.supervisor = FakeSupervisor(self.config)
+        self.reserved = Reserved(self.supervisor, None, None, None)
+
+    def pools(self, *pools) -> None:
+        self.supervisor.pools = {p.name: p for p in pools}
+
+    def get(self, path: bytes, method: bytes = b"GET") -> Request:
+        handler = self.reserved.match(path)
+        self.assertIsNotNone(handler, path)
+        request = Request(path, method)
+        handler(request)
+        self.assertTrue(request.finished)
+        return request
+
+    def test_match_takes_the_subpaths_and_nothing_beside(self) -> None:
+        proxy_side = ReservedPaths(SimpleNamespace(config=self.config))
+        for path in (b"/health", b"/health/", b"/health/live", b"/health/ready",
+                     b"/health/app", b"/health/worker/live"):
+            self.assertIsNotNone(proxy_side.match(path), path)
+        for path in (b"/healthz", b"/health-x", b"/"):
+            self.assertIsNone(proxy_side.match(path), path)
+        moved = attrs.evolve(self.config, health=attrs.evolve(self.config.health, path="/hc"))
+        proxy_side.source = SimpleNamespace(config=moved)
+        self.assertIsNotNone(proxy_side.match(b"/hc/ready"))
+        self.assertIsNone(proxy_side.match(b"/health/ready"))
+
+    def test_overall_status_follows_degraded_status(self) -> None:
+        self.pools(ServingPool("good"), ServingPool("broken", "failed", serving=0, ready=False))
+        request = self.get(b"/health")
+        self.assertEqual((request.code, request.json()["status"]), (200, "degraded"))
+        self.config = attrs.evolve(
+            self.config, health=attrs.evolve(self.config.health, degraded_status=503))
+        self.supervisor.state.config = self.config
+        request = self.get(b"/health")
+        self.assertEqual((request.code, request.json()["status"]), (503, "degraded"))
+        self.assertEqual(request.json()["revision"], "r1")
+        self.assertEqual(self.get(b"/health/").code, 503)
+
+    def test_per_worker(self) -> None:
+        self.pools(ServingPool("good"), ServingPool("broken", "failed", serving=0, ready=False),
+                   ServingPool("sick", "degraded", failures=2))
+        request = self.get(b"/health/good")
+        self.assertEqual(request.code, 200)
+        self.assertEqual(request.json()["worker"], "good")
+        self.assertEqual(request.json()["status"], "healthy")
+        self.assertEqual(self.get(b"/health/good/").code, 200)
+        self.assertEqual(self.get(b"/health/broken").code, 503)
+        self.assertEqual(self.get(b"/health/sick").code, 503)   # its only instance fails probes
+        request = self.get(b"/health/nope")
+        self.assertEqual(request.code, 404)
+        self.assertIn("nope", request.json()["error"])
+        self.assertEqual(self.get(b"/health/worker/good").code, 200)
+        self.assertEqual(self.get(b"/health/worker/nope").code, 404)
+        head = self.get(b"/health/good", b"HEAD")
+        self.assertEqual((head.code, head.body), (200, b""))
+
+    def test_one_healthy_instance_of_several_is_enough(self) -> None:
+        pool = ServingPool("app", "degraded", serving=2)
+        pool.serving = (SimpleNamespace(health_failures=1), SimpleNamespace(health_failures=0))
+        self.pools(pool)
+        self.assertEqual(self.get(b"/health/app").code, 200)
+
+    def test_workers_named_live_or_ready_are_under_worker(self) -> None:
+        self.pools(ServingPool("live", "failed", serving=0, ready=False), ServingPool("ready"))
+        self.assertEqual(self.get(b"/health/live").code, 200)       # the probe, not the worker
+        self.assertEqual(self.get(b"/health/ready").code, 503)      # so is this
+        self.assertEqual(self.get(b"/health/worker/live").code, 503)
+        self.assertEqual(self.get(b"/health/worker/ready").code, 200)
+
+    def test_live_while_the_supervisor_answers_even_draining(self) -> None:
+        request = self.get(b"/health/live")
+        self.assertEqual(request.code, 200)
+        self.assertEqual(request.json()["status"], "live")
+        self.supervisor.running = False
+        self.assertEqual(self.get(b"/health/live").code, 200)
+
+    def test_ready_once_every_worker_passed_its_first_probe(self) -> None:
+        self.assertEqual(self.get(b"/health/ready").code, 503)     # no worker yet
+        a, b = ServingPool("a", ready=False, serving=0), ServingPool("b", ready=False, serving=0)
+        self.pools(a, b)
+        request = self.get(b"/health/ready")
+        self.assertEqual(request.code, 503)
+        self.assertEqual(request.json()["waiting_for"], ["a", "b"])
+        a.ready = True
+        self.assertEqual(self.get(b"/health/ready").json()["waiting_for"], ["b"])
+        b.ready = True
+        request = self.get(b"/health/ready")
+        self.assertEqual((request.code, request.json()["status"]), (200, "ready"))
+        b.status, b.serving = "failed", ()        # later trouble: /health and /health/b say it
+        self.assertEqual(self.get(b"/health/ready").code, 200)
+        self.pools(a, b, ServingPool("new", ready=False, serving=0))   # a worker added
+        self.assertEqual(self.get(b"/health/ready").json()["waiting_for"], ["new"])
+
+    def test_not_ready_while_draining(self) -> None:
+        self.pools(ServingPool("a"))
+        self.assertEqual(self.get(b"/health/ready").code, 200)
+        self.supervisor.running = False           # stopService started
+        request = self.get(b"/health/ready")
+        self.assertEqual((request.code, request.json()["status"]), (503, "draining"))
+
+
+class PoolReadinessTests(PoolTestBase):
+    """pool.ready: an instance of it passed its first healthy probe since the pool started."""
+
+    def test_ready_after_the_first_healthy_probe_and_kept(self) -> None:
+        self.probe.default = False
+        self.pool.startService()
+        self.reactor.advance(0.1)
+        self.assertFalse(self.pool.ready)
+        self.assertFalse(self.pool.describe()["ready"])
+        self.probe.default = True
+        self.reactor.advance(0.025)
+        self.assertTrue(self.pool.ready)
+        self.assertTrue(self.pool.describe()["ready"])
+        inst = self.pool.serving[0]
+        self.reactor.by_pid(inst.pid).exit(2)       # a crash: /health/<worker> says 503
+        self.assertEqual(self.pool.serving, ())
+        self.assertTrue(self.pool.ready)
+
+    def test_not_ready_when_the_first_start_fails(self) -> None:
+        self.probe.default = False
+        self.pool.startService()
+        self.reactor.spawned[0].exit(3)
+        self.reactor.advance(0.1)
+        self.assertFalse(self.pool.ready)

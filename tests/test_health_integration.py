@@ -11,6 +11,10 @@ from twisted.trial import unittest
 from .support import Client, Project, kill_leftovers, spawn_twistd, stop_twistd, wait_until
 from .test_integration import PY_WORKER, d
 
+# The good worker takes a while before it listens: /health/ready is seen 503 before its
+# first healthy probe.
+SLOW_WORKER = "import time\ntime.sleep(3)\n" + PY_WORKER
+
 
 def broken_build(project: Project, name: str) -> None:
     """A Python worker whose build fails at once, offline: a requirement that is a
@@ -23,10 +27,17 @@ def broken_build(project: Project, name: str) -> None:
 class HealthBase(unittest.TestCase):
     timeout = 180
 
-    def project(self, **settings) -> Project:
+    def project(self, good: str = PY_WORKER, server: str = "", **settings) -> Project:
         project = Project(os.path.abspath(self.mktemp()), **settings)
         self.addCleanup(kill_leftovers, project.root)
-        project.write("workers/good/src/main.py", PY_WORKER)
+        if server:
+            path = os.path.join(project.root, "etc", "server.yaml")
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(text.replace("server:\n", "server:\n" + server) + "health:\n"
+                        "  degraded_status: 503\n")
+        project.write("workers/good/src/main.py", good)
         project.write("workers/good/config/worker.yaml", "path: /good\n")
         broken_build(project, "broken")
         return project
@@ -81,4 +92,76 @@ class MetricsScrapeTests(HealthBase):
         out, err, code = await utils.getProcessOutputAndValue(
             "/bin/sh", ["-c", 'exec "$0" check metrics < "$1"', promtool, path])
         self.assertEqual(code, 0, (out + err).decode())
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
+class HealthContractTests(HealthBase):
+    async def code(self, client: Client, url: str) -> int:
+        response, _ = await client.get(url)
+        return response.code
+
+    def test_a_broken_worker_live_ready_and_per_worker(self):
+        return d(self._contract())
+
+    async def _contract(self):
+        project = self.project(good=SLOW_WORKER)
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        url = project.url + "/health"
+
+        async def live():
+            return await self.code(client, url + "/live") == 200
+        await wait_until(live, 30, "/health/live", proc)
+        # the good worker sleeps before it listens: nothing has passed a probe yet
+        code, ready = await client.get_json(url + "/ready")
+        self.assertEqual((code, ready["status"]), (503, "starting"), ready)
+        self.assertEqual(ready["waiting_for"], ["broken", "good"])
+        self.assertEqual(await self.code(client, url + "/good"), 503)
+
+        health = await self.settled(client, project, proc)
+        self.assertEqual(health["status"], "degraded")
+        self.assertEqual(await self.code(client, url), 200)         # degraded_status: 200
+        code, good = await client.get_json(url + "/good")
+        self.assertEqual((code, good["worker"], good["ready"]), (200, "good", True))
+        code, broken = await client.get_json(url + "/broken")
+        self.assertEqual((code, broken["status"], broken["ready"]), (503, "failed", False))
+        self.assertFalse(broken["last_build"]["ok"])
+        self.assertEqual(await self.code(client, url + "/worker/good"), 200)
+        self.assertEqual(await self.code(client, url + "/nope"), 404)
+        response, _ = await client.get(project.url + "/broken/x")
+        self.assertEqual(response.code, 503)
+        # broken has never passed a probe: the node is not ready
+        code, ready = await client.get_json(url + "/ready")
+        self.assertEqual((code, ready["waiting_for"]), (503, ["broken"]))
+
+        # its build fixed and reloaded: every worker served, the node is ready
+        os.remove(os.path.join(project.root, "workers", "broken", "requirements.txt"))
+        proc.transport.signalProcess("HUP")
+
+        async def ready_now():
+            return await self.code(client, url + "/ready") == 200
+        await wait_until(ready_now, 60, "/health/ready 200 once broken is fixed", proc)
+        self.assertEqual(await self.code(client, url + "/broken"), 200)
+        code, health = await client.get_json(url)
+        self.assertEqual((code, health["status"]), (200, "healthy"))
+        self.assertEqual(await stop_twistd(proc), 0)
+
+    def test_degraded_503_through_proxy_processes(self):
+        return d(self._through_proxy_processes())
+
+    async def _through_proxy_processes(self):
+        project = self.project(server="  proxy_processes: 2\n")
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        url = project.url + "/health"
+        await self.settled(client, project, proc)
+        # several requests: each may land on either proxy process, which relays them
+        for _ in range(4):
+            code, health = await client.get_json(url)
+            self.assertEqual((code, health["status"]), (503, "degraded"))
+            self.assertEqual(await self.code(client, url + "/good"), 200)
+            self.assertEqual(await self.code(client, url + "/broken"), 503)
+            self.assertEqual(await self.code(client, url + "/nope"), 404)
+            self.assertEqual(await self.code(client, url + "/live"), 200)
+            self.assertEqual(await self.code(client, url + "/ready"), 503)
         self.assertEqual(await stop_twistd(proc), 0)

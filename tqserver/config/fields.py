@@ -116,6 +116,16 @@ def _choice(*choices: str) -> Kind:
     return check
 
 
+def _int_choice(*choices: int) -> Kind:
+    def check(value, ctx, key, pos):
+        if _is_int(value) and value in choices:
+            return int(value)
+        allowed = " or ".join(str(c) for c in choices)
+        raise ctx.error(key, pos, f"must be {allowed}, got {_describe(value)}")
+
+    return check
+
+
 def _url_path(value, ctx, key, pos):
     value = _str()(value, ctx, key, pos)
     if not value.startswith("/"):

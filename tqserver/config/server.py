@@ -14,6 +14,7 @@ from tqserver.config.fields import (
     _file_mode,
     _float,
     _int,
+    _int_choice,
     _load,
     _log_file,
     _positions,
@@ -81,7 +82,10 @@ class MetricsSection:
 
 @attrs.frozen
 class HealthSection:
-    path: str = _f("/health", _url_path)
+    path: str = _f("/health", _url_path)  # also <path>/live, <path>/ready, <path>/<worker>
+    # The HTTP status of <path> while some worker is not healthy but one serves: 200 keeps
+    # the node in a load balancer's rotation, 503 takes it out (unhealthy is always 503).
+    degraded_status: int = _f(200, _int_choice(200, 503))
 
 
 @attrs.frozen

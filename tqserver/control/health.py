@@ -1,4 +1,5 @@
-"""The aggregated answer served at /health."""
+"""The answers served at /health (the aggregate), /health/<worker>, /health/live and
+/health/ready (README: "Health, status, metrics")."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ def worker_healthy(pool) -> bool:
     return any(not inst.health_failures for inst in pool.serving)
 
 
-def aggregate(pools: Iterable, watcher=None) -> tuple[int, dict]:
-    """(HTTP status, body) for GET /health: healthy when every worker is (and the dev file
-    watcher, if any, watches), unhealthy (503) when no worker serves at all, degraded
-    otherwise."""
+def aggregate(pools: Iterable, watcher=None, degraded_status: int = 200) -> tuple[int, dict]:
+    """(HTTP status, body) for GET /health: healthy (200) when every worker is (and the dev
+    file watcher, if any, watches), unhealthy (503) when no worker serves at all, degraded
+    (``degraded_status``: health.degraded_status) otherwise."""
     workers = {pool.name: pool.describe() for pool in pools}
     states = [w["status"] for w in workers.values()]
     watching = watcher.describe() if watcher is not None else None
@@ -28,4 +29,37 @@ def aggregate(pools: Iterable, watcher=None) -> tuple[int, dict]:
     body = {"status": status, "workers": workers}
     if watching is not None:
         body["watcher"] = watching
-    return (503 if status == "unhealthy" else 200), body
+    code = {"healthy": 200, "unhealthy": 503}.get(status, degraded_status)
+    return code, body
+
+
+def worker(pools: dict, name: str) -> tuple[int, dict]:
+    """GET /health/<worker>: 200 while a healthy instance of it serves, 503 otherwise, 404
+    for a worker nobody knows."""
+    pool = pools.get(name)
+    if pool is None:
+        return 404, {"error": f"no worker named {name!r}"}
+    body = {"worker": name, **pool.describe()}
+    return (200 if worker_healthy(pool) else 503), body
+
+
+def live() -> tuple[int, dict]:
+    """GET /health/live: answered at all, the supervisor's reactor is responsive."""
+    return 200, {"status": "live"}
+
+
+def ready(pools: Iterable, draining: bool) -> tuple[int, dict]:
+    """GET /health/ready: 503 while draining for shutdown, and until every worker (there is
+    at least one) has passed its first healthy probe; 200 from then on, whatever happens to
+    them later (/health and /health/<worker> say that)."""
+    pools = list(pools)
+    waiting = sorted(pool.name for pool in pools if not pool.ready)
+    if draining:
+        status = "draining"
+    elif not pools:
+        status = "no workers"
+    elif waiting:
+        status = "starting"
+    else:
+        return 200, {"status": "ready", "waiting_for": []}
+    return 503, {"status": status, "waiting_for": waiting}

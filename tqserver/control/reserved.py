@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import json
 from typing import Callable
+from urllib.parse import unquote
 
 from twisted.logger import Logger
 
@@ -48,8 +49,11 @@ class ReservedPaths:
     def match(self, path: bytes) -> Callable | None:
         """The renderer for ``path`` when it is one of TQServer's endpoints, else None."""
         cfg = self.source.config
-        if path == cfg.health.path.encode():
-            return self.health
+        health_path = cfg.health.path.encode()
+        if path == health_path or (
+            path.startswith(health_path.rstrip(b"/") + b"/") and health_path != b"/"
+        ):
+            return self.health  # and /live, /ready, /<worker>, /worker/<worker>
         if cfg.metrics.enabled and path == cfg.metrics.path.encode():
             return self.metrics
         admin = cfg.admin.path.rstrip("/").encode()
@@ -78,8 +82,22 @@ class Reserved(ReservedPaths):
 
     # -- /health ---------------------------------------------------------------------
     def health(self, request) -> None:
-        status, body = health.aggregate(self.supervisor.pools.values(), self.watcher)
-        body["revision"] = self.supervisor.revision  # the release on disk (bin/deploy waits)
+        config = self.supervisor.config.health
+        pools = self.supervisor.pools
+        sub = request.path[len(config.path.rstrip("/").encode()) :].strip(b"/")
+        if not sub:
+            status, body = health.aggregate(pools.values(), self.watcher, config.degraded_status)
+            body["revision"] = self.supervisor.revision  # the release on disk (bin/deploy waits)
+        elif sub == b"live":
+            status, body = health.live()
+        elif sub == b"ready":
+            # draining: stopService started (SIGTERM), the workers are being stopped
+            status, body = health.ready(pools.values(), draining=not self.supervisor.running)
+        else:
+            # /health/worker/<name> reaches any worker, those named live, ready or worker too
+            if sub.startswith(b"worker/"):
+                sub = sub[len(b"worker/") :]
+            status, body = health.worker(pools, unquote(sub.decode("utf-8", "replace")))
         respond_json(request, status, body)
 
     # -- /metrics --------------------------------------------------------------------

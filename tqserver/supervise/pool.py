@@ -230,6 +230,9 @@ class WorkerPool(Rotation, Service):
         log.warn("{worker}: {message}", worker=self.name, message=message)
 
     config_error = None  # a ConfigError: its worker.yaml cannot be applied, the last good one runs
+    # An instance of it passed its first healthy probe (so went into rotation) since the pool
+    # started; kept when it later fails (/health/ready: startup is over for this worker).
+    ready = False
 
     def set_config_error(self, error) -> None:
         """The worker.yaml on disk cannot be applied (``error``), or it is fine again
@@ -274,6 +277,7 @@ class WorkerPool(Rotation, Service):
             ),
             "revision": self.revision,
             "deploying": self.deploying,
+            "ready": self.ready,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -648,6 +652,7 @@ class WorkerPool(Rotation, Service):
     def _set_serving(self, serving: tuple[Instance, ...]) -> None:
         self.serving = serving
         if serving:
+            self.ready = True
             self._wake_waiters()
         self.ctx.changed(self, PoolEvent.SERVING)
 

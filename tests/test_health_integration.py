@@ -5,10 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 
-from twisted.internet import utils
+from twisted.internet import defer, protocol, reactor, utils
 from twisted.trial import unittest
 
-from .support import Client, Project, kill_leftovers, spawn_twistd, stop_twistd, wait_until
+from .support import (
+    Client,
+    Project,
+    free_port,
+    kill_leftovers,
+    spawn_twistd,
+    stop_twistd,
+    wait_until,
+)
 from .test_integration import PY_WORKER, d
 
 # The good worker takes a while before it listens: /health/ready is seen 503 before its
@@ -164,4 +172,106 @@ class HealthContractTests(HealthBase):
             self.assertEqual(await self.code(client, url + "/nope"), 404)
             self.assertEqual(await self.code(client, url + "/live"), 200)
             self.assertEqual(await self.code(client, url + "/ready"), 503)
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+# DEPLOYMENT.md's route-aware example, one node: a backend per worker, each checking it.
+HAPROXY_CFG = """defaults
+    mode http
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend www
+    bind 127.0.0.1:{port}
+    use_backend good if {{ path_beg /good }}
+    use_backend broken if {{ path_beg /broken }}
+    default_backend whole
+backend good
+    option httpchk GET /health/good
+    http-check expect status 200
+    default-server inter 200ms fall 2 rise 1
+    server node1 127.0.0.1:{node} check
+backend broken
+    option httpchk GET /health/broken
+    http-check expect status 200
+    default-server inter 200ms fall 2 rise 1
+    server node1 127.0.0.1:{node} check
+backend whole
+    option httpchk GET /health
+    http-check expect status 200
+    default-server inter 200ms fall 2 rise 1
+    server node1 127.0.0.1:{node} check
+listen stats
+    bind 127.0.0.1:{stats}
+    stats enable
+    stats uri /stats
+"""
+
+
+class HAProxyOut(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.text = b""
+        self.done = False
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.text += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.done = True
+        self.ended.callback(None)
+
+
+class RouteAwareBalancerTests(HealthBase):
+    """A real HAProxy with `option httpchk GET /health/<worker>` per backend: the broken
+    worker's backend has the node DOWN, the good one's UP (and plain /health, at the
+    default degraded_status 200, keeps it UP: the node stays in rotation)."""
+
+    def setUp(self) -> None:
+        if not os.access(HAPROXY, os.X_OK):
+            raise unittest.SkipTest("haproxy is not installed (bin/install-toolchains "
+                                    "--only haproxy)")
+
+    def test_per_worker_checks(self):
+        return d(self._per_worker())
+
+    async def _per_worker(self):
+        project = self.project()
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        await self.settled(client, project, proc)
+        port, stats = free_port(), free_port()
+        config = self.mktemp()
+        with open(config, "w") as f:
+            f.write(HAPROXY_CFG.format(port=port, node=project.port, stats=stats))
+        lb = HAProxyOut()
+        reactor.spawnProcess(lb, HAPROXY, [HAPROXY, "-db", "-f", config], env=dict(os.environ))
+        self.addCleanup(lambda: None if lb.done else (lb.transport.signalProcess("KILL"),
+                                                     lb.ended)[1])
+        states = {}
+
+        async def checked():
+            _, body = await client.get(f"http://127.0.0.1:{stats}/stats;csv")
+            rows = [line.split(",") for line in body.decode().splitlines()]
+            header = rows[0]
+            status = header.index("status")
+            states.clear()
+            states.update({row[0]: row[status] for row in rows[1:]
+                           if len(row) > status and row[1] == "node1"})
+            return states == {"good": "UP", "broken": "DOWN", "whole": "UP"}
+        try:
+            await wait_until(checked, 30, "HAProxy's checks settled", proc)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nstates {states}\n{lb.text.decode()}") from None
+        response, body = await client.get(f"http://127.0.0.1:{port}/good/x")
+        self.assertEqual((response.code, body), (200, b"python /x /good"))
+        response, body = await client.get(f"http://127.0.0.1:{port}/broken/x")
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"No server is available", body)      # HAProxy's own: not sent there
+        lb.transport.signalProcess("TERM")
+        await lb.ended
         self.assertEqual(await stop_twistd(proc), 0)

@@ -261,8 +261,8 @@ class MemoryUpstreams(UpstreamPool):
         UpstreamPool.__init__(self, clock)
         self.made: list[UpstreamConnection] = []
 
-    def acquire(self, port: int) -> defer.Deferred:
-        conn = self.take_idle(port)
+    def acquire(self, port: int, fresh: bool = False) -> defer.Deferred:
+        conn = None if fresh else self.take_idle(port)
         if conn is not None:
             return defer.succeed(conn)
         conn = UpstreamConnection(self, port)

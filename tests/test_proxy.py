@@ -1305,7 +1305,7 @@ class ConnectRaceTests(unittest.TestCase):
             def take_idle(self, port):
                 return None
 
-            def acquire(self, port):
+            def acquire(self, port, fresh=False):
                 return attempt
 
         class Request:

@@ -15,17 +15,21 @@ class Worker:
     """A raw worker: counts requests by request line; ``dies`` for the lines it answers by
     closing the connection (as an instance killed while handling them)."""
 
-    def __init__(self, testcase, dies=(), garbage=()) -> None:
+    def __init__(self, testcase, dies=(), garbage=(), dies_when_kept=()) -> None:
         self.seen: list = []
         self.dies = set(dies)
+        self.dies_when_kept = set(dies_when_kept)  # only on a connection that served before
         self.garbage = set(garbage)
         self.raw = testcase.raw_upstream(self._behavior)
 
     def _behavior(self, proto, head, rest) -> None:
+        served = [0]
+
         def on_request(head: bytes) -> None:
             line = head.split(b"\r\n", 1)[0]
             self.seen.append(line)
-            if line in self.dies:
+            served[0] += 1
+            if line in self.dies or (line in self.dies_when_kept and served[0] > 1):
                 proto.transport.loseConnection()
             elif line in self.garbage:
                 proto.transport.write(b"NOT HTTP\r\n\r\n")
@@ -108,6 +112,20 @@ class RetryTests(ProxyTestCase):
             data = yield self.raw(b"GET /page HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
             self.assertEqual(parse_response(data)[:3:2], (200, b"ok"))
         self.assertEqual(b.seen.count(b"GET /page HTTP/1.1"), 4)
+
+    @defer.inlineCallbacks
+    def test_get_resent_on_a_fresh_connection_not_another_kept_one(self):
+        # The resend took another kept connection to the same instance, as stale as the
+        # first (an instance closing its kept connections, or killed): a 502 under load.
+        a = Worker(self, dies_when_kept={b"GET /page HTTP/1.1"})
+        pool = FakePool("w", "/", [FakeInstance(a.port, "w#1")])
+        self.start_proxy(pool)
+        warm = b"GET /warm HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        yield defer.gatherResults([self.raw(warm), self.raw(warm)])  # two kept connections
+        self.assertEqual(self.front.upstreams.idle_count(), 2)
+        data = yield self.raw(b"GET /page HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        self.assertEqual(parse_response(data)[:3:2], (200, b"ok"))
+        self.assertEqual(a.seen.count(b"GET /page HTTP/1.1"), 2)
 
     @defer.inlineCallbacks
     def test_get_with_a_body_is_not_resent(self):

@@ -118,8 +118,9 @@ class Forward(UpstreamSink):
         return self.front.upstreams.take_idle(inst.port)
 
     def _acquire(self, inst) -> defer.Deferred:
-        """A connection to ``inst`` (pooled HTTP/1.1 here; FastCGI in FastCGIForward)."""
-        return self.front.upstreams.acquire(inst.port)
+        """A connection to ``inst`` (pooled HTTP/1.1 here; FastCGI in FastCGIForward); a
+        new one when sending again: the instance's other kept ones may be as dead."""
+        return self.front.upstreams.acquire(inst.port, fresh=self.resent)
 
     def _give_back(self, conn) -> None:
         """An unused connection back to its pool."""

@@ -344,9 +344,10 @@ class UpstreamPool(Service):
                 return conn
         return None
 
-    def acquire(self, port: int) -> defer.Deferred:
-        """Fires with a connection to 127.0.0.1:port, reused when one is idle."""
-        conn = self.take_idle(port)
+    def acquire(self, port: int, fresh: bool = False) -> defer.Deferred:
+        """Fires with a connection to 127.0.0.1:port, reused when one is idle (unless
+        ``fresh``)."""
+        conn = None if fresh else self.take_idle(port)
         if conn is not None:
             return defer.succeed(conn)
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=self.connect_timeout)

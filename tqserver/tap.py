@@ -331,7 +331,7 @@ def makeService(options: Options, reactor=None) -> TQServer:
         RelayListener(reactor, RelaySite(front, fleet.relay_secret)).setServiceParent(fleet)
         fleet.setServiceParent(top)
     else:
-        site = ProxySite(front, log_access=AccessLog(state, metrics, reactor))
+        site = ProxySite(front, log_access=AccessLog(state, metrics, reactor, root=root))
         for description in options["listen"]:
             # strports.service: a port that cannot be bound stops the start, not just logs
             strports.service(description, site, reactor=reactor).setServiceParent(front)

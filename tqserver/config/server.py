@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import attrs
 
 from tqserver.config.errors import ConfigWarning
@@ -10,11 +12,13 @@ from tqserver.config.fields import (
     Position,
     _bool,
     _build,
+    _choice,
     _f,
     _file_mode,
     _float,
     _int,
     _int_choice,
+    _item_pos,
     _load,
     _log_file,
     _positions,
@@ -30,6 +34,21 @@ from tqserver.config.fields import (
 # etc/server.yaml
 
 
+def _addresses(value, ctx, key, pos):
+    """A list of IP addresses and CIDR networks (server.trusted_proxies)."""
+    items = _str_list()(value, ctx, key, pos)
+    for i, item in enumerate(items):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ctx.error(
+                f"{key}[{i}]",
+                _item_pos(value, i, pos),
+                f"expected an IP address or a network such as 10.0.0.0/8, got {item!r}",
+            ) from None
+    return items
+
+
 @attrs.frozen
 class ServerSection:
     port: int = _f(8080, _int(1, 65535))
@@ -41,8 +60,11 @@ class ServerSection:
     log_file_mode: int = _f(0o640, _file_mode)  # every log file this server creates
     log_retention_days: int = _f(0, _int(0))  # {date} files older are deleted; 0: kept
     access_log: bool = _f(True, _bool)
+    access_log_format: str = _f("combined", _choice("combined", "common", "json"))
+    access_log_file: str | None = _f(None, _log_file)  # None: in the server log
+    access_log_exclude_health: bool = _f(False, _bool)  # no line for health.path probes
     max_body_bytes: int = _f(104857600, _size)
-    trusted_proxies: tuple[str, ...] = _f((), _str_list())
+    trusted_proxies: tuple[str, ...] = _f((), _addresses)  # addresses or CIDR networks
     proxy_processes: int | str = _f(1, _proxy_processes)
 
 

@@ -208,7 +208,8 @@ class ProxyProcess(QuietAMP):
         )
         if self.site is None:
             self.site = ProxySite(
-                self.front, log_access=AccessLog(shared, self.stats, self.reactor)
+                self.front,
+                log_access=AccessLog(shared, self.stats, self.reactor, root=settings.root),
             )
         return {}
 

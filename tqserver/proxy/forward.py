@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from tqserver.proxy.access_log import trusted as trusted_proxies
 from tqserver.proxy.errors import send_error
 from tqserver.proxy.headers import _NOT_RELAYED, HOP_BY_HOP, named_in_connection
 from tqserver.proxy.upstream import UpstreamConnection, UpstreamSink
@@ -72,6 +73,9 @@ class Forward(UpstreamSink):
         self.live_reload = False
         self.has_body = False
         self.chunked = False
+        # when the request went to the instance (its last attempt), and how long it took
+        self.sent_at: float | None = None
+        self.upstream_seconds: float | None = None
 
     # -- request side ----------------------------------------------------------------
     def start(self) -> None:
@@ -150,6 +154,7 @@ class Forward(UpstreamSink):
             self._give_back(conn) if not conn.closed else None
             return
         self.conn = conn
+        self.sent_at = self.front.reactor.seconds()
         head = self.head
         assert head is not None  # built by start()
         conn.send(head, self, self.request.method == b"HEAD", self.has_body, self.chunked)
@@ -387,6 +392,8 @@ class Forward(UpstreamSink):
 
     def _end(self) -> None:
         self.done = True
+        if self.sent_at is not None:
+            self.upstream_seconds = self.front.reactor.seconds() - self.sent_at
         if self.timing:
             self.timing = False
             self.front.deadlines.cancel(self._timed_out)
@@ -452,7 +459,7 @@ class Forward(UpstreamSink):
         hosts = headers.getRawHeaders(b"host")
         host = hosts[0] if hosts else b""
         fhost = None
-        trusted = self.cfg.server.trusted_proxies
+        trusted = trusted_proxies(self.cfg.server.trusted_proxies)
         if trusted and client in trusted:
             xff = headers.getRawHeaders(b"x-forwarded-for")
             if xff:

@@ -105,3 +105,58 @@ class AccessLogBehindHAProxyTests(IntegrationBase):
             self.assertEqual(match.group("client"), "198.51.100.9")
             self.assertEqual(match.group("agent"), "tester \\x221\\x22")
             self.assertEqual(match.group("status"), "200")
+
+
+class AccessLogOfProxyProcessesTests(IntegrationBase):
+    """proxy_processes: 2 share the public port and the access file: both have it open
+    (O_APPEND; a process opens it at its first line, so both wrote some), and many
+    concurrent requests give as many whole lines, none torn."""
+
+    def test_two_proxy_processes_append_whole_lines(self):
+        return d(self._two())
+
+    async def _two(self):
+        from twisted.internet import defer
+
+        from .test_proxy_processes_integration import proxy_processes
+
+        project = self.make_project()
+        path = os.path.join(project.root, "etc", "server.yaml")
+        text = open(path).read().replace(
+            "server:\n",
+            'server:\n  proxy_processes: 2\n  access_log_file: "logs/access_{date}.log"\n', 1)
+        project.write("etc/server.yaml", text)
+        project.write("workers/app/src/main.py", APP)
+        project.write("workers/app/config/worker.yaml", "path: /app\n")
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["app"], timeout=120)
+
+        async def two():
+            return len(proxy_processes(project.root)) == 2
+        await wait_until(two, 30, "two proxy processes", proc)
+
+        async def one(i):
+            response, body = await Client(self).get(project.url + f"/app/n-{i}")
+            self.assertEqual(response.code, 200)
+
+        for batch in range(10):
+            await defer.gatherResults(
+                [defer.ensureDeferred(one(batch * 20 + i)) for i in range(20)])
+        logs = os.path.join(project.root, "logs")
+        [name] = [n for n in os.listdir(logs) if n.startswith("access_")]
+        access = os.path.join(logs, name)
+
+        async def all_logged():
+            with open(access) as f:
+                return sum("/app/n-" in line for line in f) >= 200
+        await wait_until(all_logged, 10, "200 access lines", proc)
+        holders = [p for p in proxy_processes(project.root)
+                   if any(f.path == access for f in p.open_files())]
+        self.assertEqual(len(holders), 2)
+        with open(access) as f:
+            lines = [line for line in f.read().splitlines() if "/app/n-" in line]
+        self.assertEqual(len(lines), 200)
+        self.assertTrue(all(COMBINED.match(line) for line in lines), lines)
+        self.assertEqual(sorted(int(re.search(r"/app/n-(\d+) ", line).group(1))
+                                for line in lines), list(range(200)))

@@ -69,9 +69,11 @@ class Project:
                     "kill_timeout_ms": 3000, "restart_delay_ms": 20,
                     "shutdown_grace_period_ms": 500}
         settings.update(workers_settings)
+        self.admin_port = free_port()   # the control plane (admin.listen) on loopback TCP
         lines = ["server:", f"  port: {self.port}", '  host: "127.0.0.1"',
                  '  log_file: "logs/tqserver_{date}.log"', "workers:"]
         lines += [f"  {k}: {v}" for k, v in settings.items()]
+        lines += ["admin:", f'  listen: "tcp:{self.admin_port}:interface=127.0.0.1"']
         self.write("etc/server.yaml", "\n".join(lines) + "\n")
 
     def write(self, relpath: str, text: str) -> str:
@@ -89,6 +91,11 @@ class Project:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener (status page, /_tqserver/api, /metrics, full /health)."""
+        return f"http://127.0.0.1:{self.admin_port}"
 
 
 class TwistdProcess(protocol.ProcessProtocol):
@@ -150,12 +157,28 @@ async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-class Client:
-    """A small HTTP client over one connection pool, closed by the test's cleanup."""
+class _UnixEndpoints:
+    """Agent's endpoint factory for a Unix socket: every URL's host is that socket."""
 
-    def __init__(self, testcase) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def endpointForURI(self, uri):
+        from twisted.internet.endpoints import UNIXClientEndpoint
+        return UNIXClientEndpoint(reactor, self.path)
+
+
+class Client:
+    """A small HTTP client over one connection pool, closed by the test's cleanup;
+    ``unix_socket``: every request goes to that socket (the URL gives path and Host)."""
+
+    def __init__(self, testcase, unix_socket: Optional[str] = None) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=False)
-        self.agent = Agent(reactor, pool=self.pool)
+        if unix_socket is None:
+            self.agent = Agent(reactor, pool=self.pool)
+        else:
+            self.agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(unix_socket),
+                                                    pool=self.pool)
         testcase.addCleanup(self.pool.closeCachedConnections)
 
     async def get(self, url: str, headers: Optional[Dict[str, str]] = None,

@@ -60,17 +60,29 @@ class LocateTests(unittest.TestCase):
         return root
 
     def test_from_server_yaml(self) -> None:
+        # the admin listener, on loopback when it listens on every interface
         root = self.project('server:\n  port: 9100\n  host: "0.0.0.0"\nadmin:\n  path: /ops\n'
-                            '  token: s3cret\n')
+                            '  token: s3cret\n  listen: "tcp:9180:interface=0.0.0.0"\n')
         t = target(root, "etc/server.yaml", None, None)
-        self.assertEqual((t.host, t.port, t.admin_path, t.token),
-                         ("127.0.0.1", 9100, "/ops", "s3cret"))
+        self.assertEqual((t.host, t.port, t.unix_socket, t.admin_path, t.token),
+                         ("127.0.0.1", 9180, None, "/ops", "s3cret"))
         self.assertEqual(target(root, "etc/server.yaml", None, "other").token, "other")
 
+    def test_token_file_and_no_admin_listener(self) -> None:
+        root = self.project('server:\n  port: 9100\nadmin:\n  listen: ""\n  public: true\n'
+                            '  token_file: etc/token\n')
+        with open(os.path.join(root, "etc", "token"), "w") as f:
+            f.write("from-file\n")
+        t = target(root, "etc/server.yaml", None, None)   # the public port, with the token
+        self.assertEqual((t.host, t.port, t.unix_socket, t.token),
+                         ("127.0.0.1", 9100, None, "from-file"))
+
     def test_defaults_without_server_yaml(self) -> None:
-        t = target(self.mktemp(), "etc/server.yaml", None, None)
-        self.assertEqual((t.host, t.port, t.admin_path, t.token),
-                         ("127.0.0.1", 8080, "/_tqserver", ""))
+        root = self.mktemp()
+        t = target(root, "etc/server.yaml", None, None)   # the admin socket under the root
+        self.assertEqual((t.host, t.port, t.unix_socket, t.admin_path, t.token),
+                         (None, None, os.path.join(os.path.abspath(root), "run",
+                                                   "tqserver-admin.sock"), "/_tqserver", ""))
 
     def test_url(self) -> None:
         root = self.mktemp()

@@ -58,7 +58,7 @@ class CommandLineTests(IntegrationBase):
         code, out, err = await tqserver(project.root, "status")
         self.assertEqual(code, 3, err)
         self.assertEqual(out, "")
-        self.assertIn(f"no server is answering at http://127.0.0.1:{project.port}", err)
+        self.assertIn(f"no server is answering at http://127.0.0.1:{project.admin_port}", err)
         self.assertNotIn("Traceback", err)
         code, _, err = await tqserver(project.root, "status", "--url", f"http://127.0.0.1:{free_port()}")
         self.assertEqual(code, 3, err)
@@ -77,7 +77,7 @@ class CommandLineTests(IntegrationBase):
             await client.get(project.url + "/app/x")
 
         async def sampled():  # the windows take a sample each second
-            _, status = await client.get_json(project.url + "/_tqserver/api/status")
+            _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
             return status["workers"]["app"]["requests"]["requests"] == 5
         await wait_until(sampled, 10, "the requests in the last minute's window", proc)
 
@@ -120,7 +120,7 @@ class CommandLineTests(IntegrationBase):
         self.assertEqual((code, out.strip()), (0, "reloading app"), err)
 
         async def replaced():
-            _, status = await client.get_json(project.url + "/_tqserver/api/status")
+            _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
             serving = [i for i in status["workers"]["app"]["instances"] if i["serving"]]
             return serving and serving[0]["pid"] != old_pid
         await wait_until(replaced, 60, "a new app instance", proc)

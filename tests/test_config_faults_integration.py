@@ -34,7 +34,7 @@ class HeldConfigTests(IntegrationBase):
         self.assertEqual(await self.pids(project), pids)   # not restarted either
 
     async def config_error(self, client, project):
-        _code, health = await client.get_json(project.url + "/health")
+        _code, health = await client.get_json(project.admin_url + "/health")
         return health["workers"].get("app", {}).get("config_error")
 
     def test_prod_hup(self):
@@ -53,11 +53,11 @@ class HeldConfigTests(IntegrationBase):
         error = await self.config_error(client, project)
         self.assertTrue(error.startswith(WHERE), error)
         self.assertNotIn(project.root, error)                  # no absolute path in /health
-        code, health = await client.get_json(project.url + "/health")
+        code, health = await client.get_json(project.admin_url + "/health")
         self.assertEqual((code, health["workers"]["app"]["status"]), (200, "degraded"))
         await self.assert_still_serving(project, client, pids)
         self.assertIn(WHERE, proc.text)                        # the log names it too
-        _response, page = await client.get(project.url + "/_tqserver/")
+        _response, page = await client.get(project.admin_url + "/_tqserver/")
         self.assertIn(b"scaling.min_workers", page)            # and the status page
 
         project.write("workers/app/config/worker.yaml", "")   # emptied mid-save

@@ -122,14 +122,14 @@ class FlaskTests(FrameworkBase):
 
         # An unchanged rebuild skips the install: the admin API's reload-all rebuilds.
         installed = self.built_seconds(proc, "flask")
-        response, _ = await client.request(b"POST", project.url + "/_tqserver/api/reload")
+        response, _ = await client.request(b"POST", project.admin_url + "/_tqserver/api/reload")
         self.assertEqual(response.code, 202)
         await wait_until(lambda: self._swaps(client, project, 2), 60, "a second swap", proc)
         self.assertEqual(proc.text.count("building flask"), 1, proc.text[-3000:])
         self.assertGreater(installed, 0)
 
     async def _swaps(self, client, project, n):
-        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         return len([i for i in status["workers"]["flask"]["instances"]]) == 1 and status["workers"][
             "flask"
         ]["instances"][0]["id"].endswith(f"#{n}")
@@ -340,7 +340,7 @@ class StartupFailureTests(FrameworkBase):
             return response.code == 500 and b"SyntaxError" in page
 
         await wait_until(start_failed_page, 60, "the SyntaxError on the page", proc)
-        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         self.assertEqual(len(status["workers"]["app"]["instances"]), 1)  # the old one
 
         project.write("workers/app/src/main.py", STARTUP_OK % 2)
@@ -377,7 +377,7 @@ class InstallTests(FrameworkBase):
         await wait_until(failed_page, 120, "the failed install on the page", proc)
         _, page = await client.get(url)
         self.assertIn(b"flask", page)
-        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         deps = status["workers"]["deps"]
         self.assertEqual((deps["last_build"]["ok"], len(deps["instances"])), (False, 1))
         self.assertEqual(deps["instances"][0]["id"], "deps#1")  # the old code still runs

@@ -126,7 +126,7 @@ class ExampleSiteTests(IntegrationBase):
         self.assertEqual(health["status"], "healthy")
         self.assertEqual(health["workers"]["hello"]["route"], "/hello")
 
-        code, status = await client.get_json(project.url + "/_tqserver/api/status")
+        code, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         self.assertEqual(code, 200)
         pids = [i["pid"] for w in status["workers"].values() for i in w["instances"]]
         self.assertEqual(len(pids), 2)
@@ -357,7 +357,7 @@ class HangupTests(IntegrationBase):
         async def old_gone():
             return old.pid not in [p.pid for p in processes_of(project.root)]
         await wait_until(old_gone, 30, "the old instance to be drained", proc)
-        response, metrics = await client.get(project.url + "/metrics")
+        response, metrics = await client.get(project.admin_url + "/metrics")
         self.assertEqual(response.code, 200)
         for line in [b'tqserver_requests_total{code="200",worker="app"}',
                      b'tqserver_swap_duration_seconds_count{worker="app"} 2.0',
@@ -553,7 +553,7 @@ class HangupOnlyChangedTests(IntegrationBase):
         await self.wait_healthy(client, project, proc, ["a", "b"], timeout=60)
 
         async def pids():
-            code, status = await client.get_json(project.url + "/_tqserver/api/status")
+            code, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
             return {n: [i["pid"] for i in w["instances"]] for n, w in status["workers"].items()}
         before = await pids()
         proc.transport.signalProcess("HUP")          # nothing changed: nothing restarts

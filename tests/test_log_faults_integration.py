@@ -40,10 +40,10 @@ class WorkerLogFaultTests(IntegrationBase):
         for i in range(30):
             response, body = await client.get(project.url + f"/app/{i}")
             self.assertEqual((response.code, body), (200, b"ok"), i)
-        _, health = await client.get_json(project.url + "/health")
+        _, health = await client.get_json(project.admin_url + "/health")
         self.assertIn("cannot write logs/app.log", health["workers"]["app"]["log_error"])
         self.assertEqual(health["workers"]["app"]["status"], "degraded")
-        response, metrics = await client.get(project.url + "/metrics")
+        response, metrics = await client.get(project.admin_url + "/metrics")
         line = [m for m in metrics.splitlines()
                 if m.startswith(b'tqserver_log_lines_dropped_total{log="worker:app"}')]
         self.assertTrue(line and float(line[0].split()[-1]) >= 60, metrics[-2000:])
@@ -56,12 +56,12 @@ class WorkerLogFaultTests(IntegrationBase):
             return os.path.isfile(log_path) and b"/again" in open(log_path, "rb").read()
         await wait_until(written, 20, "the log written again", proc)
         self.assertIn("writing logs/app.log again", proc.text)
-        _, health = await client.get_json(project.url + "/health")
+        _, health = await client.get_json(project.admin_url + "/health")
         self.assertIsNone(health["workers"]["app"]["log_error"])
         self.assertEqual(await stop_twistd(proc), 0)
 
     async def wait_healthy_or_degraded(self, client, project, proc):
         async def serving():
-            _, body = await client.get_json(project.url + "/health")
+            _, body = await client.get_json(project.admin_url + "/health")
             return body["workers"].get("app", {}).get("instances", 0) >= 1
         await wait_until(serving, 60, "the worker serving", proc)

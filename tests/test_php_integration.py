@@ -152,7 +152,7 @@ class BlogTests(IntegrationBase):
         proc = self.start(project, "--mode", "prod")
         client = Client(self)
         await self.wait_healthy(client, project, proc, ["blog"], timeout=60)
-        code, status = await client.get_json(project.url + "/_tqserver/api/status")
+        code, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         [old] = status["workers"]["blog"]["instances"]
         old_master = psutil.Process(old["pid"])
         self.assertIn("php-fpm", " ".join(old_master.cmdline()))

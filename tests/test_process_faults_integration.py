@@ -91,7 +91,7 @@ class ProcessFaultTests(IntegrationBase):
         return proc
 
     async def instances(self, client, project, worker):
-        code, status = await client.get_json(project.url + "/_tqserver/api/status")
+        code, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         return status["workers"][worker]["instances"]
 
     def php_project(self) -> Project:
@@ -117,7 +117,7 @@ class ProcessFaultTests(IntegrationBase):
         os.kill(old["pid"], signal.SIGKILL)
 
         async def replaced():
-            code, health = await client.get_json(project.url + "/health")
+            code, health = await client.get_json(project.admin_url + "/health")
             blog = health["workers"]["blog"]
             return blog["restarts"].get("crash") == 1 and blog["status"] == "healthy"
 

@@ -91,7 +91,7 @@ class ProxyProcessesTests(IntegrationBase):
 
         # Both processes' requests reach the supervisor's /metrics (reported every second).
         async def counted():
-            response, metrics = await client.get(project.url + "/metrics")
+            response, metrics = await client.get(project.admin_url + "/metrics")
             line = [x for x in metrics.splitlines()
                     if x.startswith(b'tqserver_requests_total{code="200",worker="app"}')]
             return line and float(line[0].split()[-1]) >= load.done
@@ -117,8 +117,12 @@ class ProxyProcessesTests(IntegrationBase):
             return len(pids) == 2 and victim.pid not in pids
         await wait_until(replaced, 20, "a new proxy process", proc)
         self.assertIn("exited (signal 9); starting another", proc.text)
-        code, status = await client.get_json(project.url + "/_tqserver/api/status")
-        self.assertEqual(code, 200)       # relayed to the supervisor, as a loopback client
+        response, _ = await client.get(project.url + "/_tqserver/api/status")
+        self.assertEqual(response.code, 404)   # relayed to the supervisor: as with one process
+        response, _ = await client.get(project.url + "/metrics")
+        self.assertEqual(response.code, 404)
+        code, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
+        self.assertEqual(code, 200)       # the supervisor's own admin listener
         self.assertIn("app", status["workers"])
         self.assertEqual(await stop_and_check(proc, project), 0)
 

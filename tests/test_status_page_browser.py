@@ -42,7 +42,7 @@ class StatusPageBrowserTests(IntegrationBase):
         proc = self.start(project, "--mode", "prod")
         client = Client(self)
         await self.wait_healthy(client, project, proc, ["app", "api"], timeout=60)
-        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         old_pid = str(status["workers"]["app"]["instances"][0]["pid"])
 
         port = free_port()
@@ -78,7 +78,7 @@ class StatusPageBrowserTests(IntegrationBase):
         async def script(js):
             return await call(b"POST", f"/session/{sid}/execute/sync", {"script": js, "args": []})
 
-        await call(b"POST", f"/session/{sid}/url", {"url": project.url + "/_tqserver/"})
+        await call(b"POST", f"/session/{sid}/url", {"url": project.admin_url + "/_tqserver/"})
 
         async def workers_shown():
             names = await script("return [...document.querySelectorAll('section[data-worker]')]"
@@ -99,6 +99,6 @@ class StatusPageBrowserTests(IntegrationBase):
             return pid not in (None, old_pid)
         await wait_until(new_pid_shown, 60, "the new app instance on the page", proc)
         self.assertTrue(await script("return window.sameDocument === true;"))
-        _, status = await client.get_json(project.url + "/_tqserver/api/status")
+        _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         serving = [str(i["pid"]) for i in status["workers"]["app"]["instances"] if i["serving"]]
         self.assertNotIn(old_pid, serving)

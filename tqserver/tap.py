@@ -14,7 +14,13 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from tqserver.config.errors import ConfigError
-from tqserver.config.server import ServerConfig, default_server_config, load_server_config
+from tqserver.config.server import (
+    ServerConfig,
+    default_server_config,
+    load_server_config,
+    read_admin_token,
+)
+from tqserver.control.admin import AdminFront, AdminToken
 from tqserver.control.events import EventHub
 from tqserver.control.live import LiveStatus
 from tqserver.control.live_api import LiveAPI
@@ -102,6 +108,14 @@ class Options(usage.Options):
             problem = _listen_problem(description)
             if problem:
                 raise fatal(problem)
+        try:
+            read_admin_token(self["server_config"].admin, self["root"])
+        except OSError as e:
+            raise fatal(f"admin.token_file: cannot read it: {e}") from None
+        admin_listen = self["server_config"].admin.listen
+        problem = _listen_problem(admin_listen)
+        if problem:
+            raise fatal(f"admin.listen: {problem}")
         self["proxy_processes"] = proxy_process_count(self["server_config"].server.proxy_processes)
         if self["proxy_processes"] > 1:
             for description in self["listen"]:
@@ -319,12 +333,15 @@ def makeService(options: Options, reactor=None) -> TQServer:
         watcher.setServiceParent(top)
     stream.live = LiveStatus(supervisor, windows, watcher)
     fastcgi = FastCGIPool(reactor)
-    front = Front(
-        state,
-        reactor,
-        reserved=Reserved(supervisor, metrics, events, LiveAPI(stream.live, stream), watcher),
-        forwards={"php": fastcgi_forwarding(fastcgi)},
+    reserved = Reserved(
+        supervisor,
+        metrics,
+        events,
+        LiveAPI(stream.live, stream),
+        watcher,
+        token=AdminToken(supervisor, root),
     )
+    front = Front(state, reactor, reserved=reserved, forwards={"php": fastcgi_forwarding(fastcgi)})
     fastcgi.setServiceParent(front)
     front.setServiceParent(top)
     if fleet is not None:
@@ -335,6 +352,8 @@ def makeService(options: Options, reactor=None) -> TQServer:
         for description in options["listen"]:
             # strports.service: a port that cannot be bound stops the start, not just logs
             strports.service(description, site, reactor=reactor).setServiceParent(front)
+    if config.admin.listen:
+        AdminFront(reactor, reserved, config.admin.listen, root).setServiceParent(top)
     reactor.callWhenRunning(freeze_startup_heap)
     before, soft, hard = raise_open_files_limit()
     log.info(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -29,6 +32,64 @@ from tqserver.config.fields import (
     _sub,
     _url_path,
 )
+
+if TYPE_CHECKING:
+    from tqserver.config.fields import _Context
+
+DEFAULT_ADMIN_LISTEN = "unix:run/tqserver-admin.sock"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def admin_tcp_interface(listen: str) -> str | None:
+    """The interface of a tcp:/tcp6: endpoint description ("" for all), None for others."""
+    parts = re.split(r"(?<!\\):", listen)
+    if parts[0] not in ("tcp", "tcp6"):
+        return None
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return kwargs.get("interface", "").replace("\\:", ":")
+
+
+def read_admin_token(admin: AdminSection, root: str) -> str:
+    """The bearer token: admin.token, else the first line of admin.token_file ($VARS
+    expanded, relative to ``root``; e.g. ${CREDENTIALS_DIRECTORY}/admin-token), else "".
+    Raises OSError when the file cannot be read."""
+    if admin.token or not admin.token_file:
+        return admin.token
+    path = os.path.join(root, os.path.expandvars(os.path.expanduser(admin.token_file)))
+    with open(path, encoding="utf-8") as f:
+        return f.readline().strip()
+
+
+def _admin_listen(value, ctx, key, pos):
+    """unix:PATH, tcp:PORT[:interface=...] or tcp6:..., or "" / null (no listener)."""
+    value = _str(null_ok=True)(value, ctx, key, pos).strip()
+    if not value:
+        return ""
+    kind, _, rest = value.partition(":")
+    if kind == "unix":
+        path = rest.split(":", 1)[0]
+        if path.startswith("address="):
+            path = path[len("address=") :]
+        if path:
+            return value
+    elif kind in ("tcp", "tcp6"):
+        args = [p for p in re.split(r"(?<!\\):", rest) if p and "=" not in p]
+        kwargs = dict(p.split("=", 1) for p in re.split(r"(?<!\\):", rest) if "=" in p)
+        port = kwargs.get("port", args[0] if args else "")
+        if port.isdigit() and 0 < int(port) < 65536:
+            return value
+    raise ctx.error(
+        key,
+        pos,
+        f"expected unix:PATH or tcp:PORT:interface=127.0.0.1 (a Twisted endpoint), got {value!r}",
+    )
+
 
 # ---------------------------------------------------------------------------
 # etc/server.yaml
@@ -99,7 +160,9 @@ class FileWatcherSection:
 class MetricsSection:
     enabled: bool = _f(True, _bool)
     path: str = _f("/metrics", _url_path)
-    public: bool = _f(False, _bool)  # serve /metrics to non-loopback clients too
+    # true: /metrics on the public port too, to anyone, without the token (else only on
+    # the admin listener, or on the public port with the token when admin.public is true)
+    public: bool = _f(False, _bool)
 
 
 @attrs.frozen
@@ -113,7 +176,35 @@ class HealthSection:
 @attrs.frozen
 class AdminSection:
     path: str = _f("/_tqserver", _url_path)
-    token: str = _f("", _str(null_ok=True))  # non-empty: non-loopback clients may use it
+    # The control plane's own listener (a Twisted endpoint; a relative unix: path is under
+    # the root; "" or null: none). A TCP interface other than loopback needs a token.
+    listen: str = _f(DEFAULT_ADMIN_LISTEN, _admin_listen)
+    token: str = _f("", _str(null_ok=True))  # the bearer token, or:
+    token_file: str = _f("", _str(null_ok=True))  # a file holding it (systemd credentials)
+    # true: /_tqserver and /metrics answered on the public port too, with the token only
+    public: bool = _f(False, _bool)
+
+
+def _check_admin(config: ServerConfig, ctx: _Context) -> None:
+    """Refuse a control plane that anyone could reach without the token."""
+    admin = config.admin
+    has_token = bool(admin.token or admin.token_file)
+    interface = admin_tcp_interface(admin.listen)
+    if interface is not None and not is_loopback(interface) and not has_token:
+        where = "all interfaces" if interface in ("", "0.0.0.0", "::") else interface
+        raise ctx.error(
+            "admin.listen",
+            ctx.positions.get("admin.listen", (None, None)),
+            f"{admin.listen!r} listens on {where}: set admin.token or admin.token_file, "
+            "or listen on a unix: socket or interface=127.0.0.1",
+        )
+    if admin.public and not has_token:
+        raise ctx.error(
+            "admin.public",
+            ctx.positions.get("admin.public", (None, None)),
+            "true needs admin.token or admin.token_file (the public port answers the "
+            "control plane only with it)",
+        )
 
 
 # Editor backups and swap files (vim, emacs, nano, kate, patch, diff tools): a copy of a
@@ -158,6 +249,7 @@ def load_server_config(path: str) -> tuple[ServerConfig, list[ConfigWarning]]:
     """Read etc/server.yaml; raises ConfigError, returns the unknown-key warnings."""
     ctx, top = _load(path)
     config = _build(ServerConfig, top, ctx, "", source=path, positions=ctx.positions)
+    _check_admin(config, ctx)
     return config, ctx.sorted_warnings()
 
 

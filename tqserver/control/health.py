@@ -63,3 +63,22 @@ def ready(pools: Iterable, draining: bool) -> tuple[int, dict]:
     else:
         return 200, {"status": "ready", "waiting_for": []}
     return 503, {"status": status, "waiting_for": waiting}
+
+
+# What the public /health of prod shows of a worker (bin/deploy reads revision, deploying).
+PUBLIC_WORKER_KEYS = ("status", "ready", "revision", "deploying")
+
+
+def redacted(body: dict) -> dict:
+    """A /health body (aggregate's, worker's) as the public port shows it in prod: the
+    verdict and each worker's status, readiness, revision and deploying flag; no ports,
+    errors, build output or paths (those are on the admin listener)."""
+    if "workers" in body:
+        workers = body["workers"]
+        return {
+            "status": body["status"],
+            "workers": {n: {k: w.get(k) for k in PUBLIC_WORKER_KEYS} for n, w in workers.items()},
+        }
+    if "worker" in body:
+        return {"worker": body["worker"], **{k: body.get(k) for k in PUBLIC_WORKER_KEYS}}
+    return body  # live, ready, an unknown worker: nothing to hide

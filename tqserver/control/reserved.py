@@ -1,27 +1,40 @@
 """Endpoints TQServer answers itself: /health, /metrics and the /_tqserver admin area
-(the live status page, JSON status and streams, worker logs, reload control)."""
+(the live status page, JSON status and streams, worker logs, reload control).
+
+On the public port (Reserved) only /health is answered to anyone (in prod without ports,
+errors or build output); /metrics and /_tqserver answer the same 404 as a path no worker
+serves, unless ``admin.public`` (then with the bearer token only; ``metrics.public``: /metrics
+to anyone). The whole control plane is on the admin listener (tqserver.control.admin)."""
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 from typing import Callable
 from urllib.parse import unquote
 
 from twisted.logger import Logger
 
+from tqserver.config.server import is_loopback
 from tqserver.control import health
 from tqserver.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tqserver.proxy.errors import error_renderer
 
 log = Logger()
 
+__all__ = ["Reserved", "ReservedPaths", "is_loopback", "respond", "respond_json"]
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+# What the public port answers for the control plane it does not serve: the page of a path
+# no worker serves, so nothing tells it apart.
+not_served = error_renderer(404, "No worker serves this path.")
+
+
+def bearer_ok(request, token: str) -> bool:
+    """The request carries ``Authorization: Bearer <token>`` (``token`` non-empty)."""
+    if not token:
+        return False
+    given = request.requestHeaders.getRawHeaders(b"authorization", [b""])[0]
+    return hmac.compare_digest(given, b"Bearer " + token.encode())
 
 
 def respond(request, status: int, body: bytes, content_type: bytes) -> None:
@@ -70,18 +83,25 @@ class ReservedPaths:
 class Reserved(ReservedPaths):
     """The answers to TQServer's own endpoints: from the Supervisor (its pools, reloads),
     the Metrics, the live-reload EventHub, the LiveAPI (status page, snapshots, streams,
-    logs) and, in dev mode, the DevWatcher."""
+    logs) and, in dev mode, the DevWatcher. This is the public port's view (see the module
+    docstring); ``full`` gives the admin listener's answers (the listener authorizes)."""
 
-    def __init__(self, supervisor, metrics, events, live_api, watcher=None) -> None:
+    def __init__(self, supervisor, metrics, events, live_api, watcher=None, token=None) -> None:
         ReservedPaths.__init__(self, supervisor.state)
         self.supervisor = supervisor
         self.metrics_registry = metrics
         self.events = events
         self.live_api = live_api
         self.watcher = watcher
+        # the token (admin.token, or read from admin.token_file): a callable, re-read
+        # after a reload of the configuration
+        self.token: Callable[[], str] = token or (lambda: self.supervisor.config.admin.token)
+
+    def _token_ok(self, request) -> bool:
+        return bearer_ok(request, self.token())
 
     # -- /health ---------------------------------------------------------------------
-    def health(self, request) -> None:
+    def _health(self, request) -> tuple[int, dict]:
         config = self.supervisor.config.health
         pools = self.supervisor.pools
         sub = request.path[len(config.path.rstrip("/").encode()) :].strip(b"/")
@@ -98,29 +118,49 @@ class Reserved(ReservedPaths):
             if sub.startswith(b"worker/"):
                 sub = sub[len(b"worker/") :]
             status, body = health.worker(pools, unquote(sub.decode("utf-8", "replace")))
+        return status, body
+
+    def full_health(self, request) -> None:
+        respond_json(request, *self._health(request))
+
+    def health(self, request) -> None:
+        """The public /health: in dev the full detail; in prod each worker's status and
+        revision only (what load balancers and bin/deploy read): no ports, errors, build
+        output or paths."""
+        status, body = self._health(request)
+        if self.supervisor.state.mode != "dev":
+            revision = body.get("revision")
+            body = health.redacted(body)
+            if "workers" in body:
+                body["revision"] = revision
         respond_json(request, status, body)
 
     # -- /metrics --------------------------------------------------------------------
-    def metrics(self, request) -> None:
-        if not (self.supervisor.config.metrics.public or is_loopback(request.client_ip)):
-            respond(request, 403, b"metrics are served to loopback clients only\n", b"text/plain")
-            return
+    def full_metrics(self, request) -> None:
         body = self.metrics_registry.render(self.supervisor.pools.values())
         respond(request, 200, body, METRICS_CONTENT_TYPE)
 
-    # -- /_tqserver ------------------------------------------------------------------
-    def _authorized(self, request) -> bool:
-        token = self.supervisor.config.admin.token
-        if token:
-            given = request.requestHeaders.getRawHeaders(b"authorization", [b""])[0]
-            if hmac.compare_digest(given, b"Bearer " + token.encode()):
-                return True
-        return is_loopback(request.client_ip)
+    def metrics(self, request) -> None:
+        cfg = self.supervisor.config
+        if cfg.metrics.public or (cfg.admin.public and self._token_ok(request)):
+            self.full_metrics(request)
+        else:
+            not_served(request)
 
+    # -- /_tqserver ------------------------------------------------------------------
     def admin(self, request) -> None:
-        if not self._authorized(request):
-            respond(request, 403, b"forbidden\n", b"text/plain")
-            return
+        cfg = self.supervisor.config
+        if self.supervisor.state.mode == "dev" and request.method == b"GET":
+            # the live-reload stream the pages of workers open (dev only)
+            if request.path == cfg.admin.path.rstrip("/").encode() + b"/events":
+                self.events.subscribe(request)
+                return
+        if cfg.admin.public and self._token_ok(request):
+            self.full_admin(request)
+        else:
+            not_served(request)
+
+    def full_admin(self, request) -> None:
         base = self.supervisor.config.admin.path.rstrip("/")
         sub = request.path[len(base.encode()) :].strip(b"/")
         if self.live_api.answer(request, base, sub):

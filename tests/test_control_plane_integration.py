@@ -129,7 +129,7 @@ class ControlPlaneBehindHAProxyTests(unittest.TestCase):
         response, health = await client.get_json(front + "/health")
         self.assertEqual(response, 200)
         self.assertEqual(health["status"], "healthy")
-        self.assertEqual(set(health["workers"]["app"]), {"status", "revision", "deploying"})
+        self.assertEqual(set(health["workers"]["app"]), {"status", "ready", "revision", "deploying"})
         for secret in ("ports", "route", "error", "pid", str(project.root)):
             self.assertNotIn(secret, str(health))
 

@@ -409,7 +409,7 @@ class FakeSupervisor:
     """What Reserved uses of the Supervisor for /health."""
 
     def __init__(self, config) -> None:
-        self.state = SimpleNamespace(config=config)
+        self.state = SimpleNamespace(config=config, mode="dev")  # prod: tests/test_admin.py
         self.pools: dict = {}
         self.revision = "r1"
         self.running = True

@@ -58,6 +58,27 @@ class FingerprintTests(unittest.TestCase):
         self.touch("src/main.go", 3000)     # rsync brought sources too: the binary wins
         self.assertEqual(self.changed(), "artifact")
 
+    def test_deleted_binary_means_rebuild(self) -> None:
+        # rsync --delete without the bin/ protect rule: sources unchanged, binary gone
+        os.unlink(self.files["bin"])
+        self.assertEqual(self.changed(), "sources")
+
+    def test_missing_outputs_of_each_runtime(self) -> None:
+        from tqserver.runtimes.bun import BunRuntime
+        from tqserver.runtimes.python import PythonRuntime
+
+        self.assertEqual(GoRuntime().outputs(self.spec), [self.files["bin"]])
+        self.assertEqual(BunRuntime().outputs(self.spec), [])  # no package.json
+        self.assertEqual(PythonRuntime().outputs(self.spec), [])  # no requirements
+        self.touch("package.json", 1000)
+        self.touch("requirements.txt", 1000)
+        bun = Fingerprint.take(self.spec, BunRuntime())
+        self.assertEqual(bun.missing, (os.path.join(self.dir, "node_modules",
+                                                    ".tqserver-installed"),))
+        self.assertEqual(self.deployed.difference(bun), "sources")
+        py = Fingerprint.take(self.spec, PythonRuntime())
+        self.assertEqual(py.missing, (os.path.join(self.dir, ".venv", "bin", "python"),))
+
     def test_views_and_config(self) -> None:
         self.touch("views/page.html", 2000)
         self.assertEqual(self.changed(), "views")

@@ -105,6 +105,12 @@ class Runtime:
         """The file a build produces (a deployed one is restarted without a build)."""
         return None
 
+    def outputs(self, spec: WorkerSpec) -> list[str]:
+        """Files the server's build leaves and running needs: one missing (an rsync
+        --delete removed it) means rebuild, whatever the sources say."""
+        artifact = self.artifact(spec)
+        return [artifact] if artifact else []
+
 
 # Not a program's sources: checked on their own, static, or written while it runs.
 _NOT_INPUTS = frozenset(

@@ -91,6 +91,12 @@ class BunRuntime(Runtime):
                 return path
         return None
 
+    def outputs(self, spec: WorkerSpec) -> list[str]:
+        """node_modules' install stamp, when there is a package.json to install."""
+        if _mtime(os.path.join(spec.directory, "package.json")) is None:
+            return []
+        return [os.path.join(spec.directory, STAMP)]
+
     def install_needed(self, spec: WorkerSpec, mode: str = "dev") -> bool:
         """package.json exists and node_modules is missing, or the stamp of the last
         successful install is missing, of the other mode, or not newer than package.json

@@ -80,6 +80,10 @@ class PythonRuntime(Runtime):
     def venv(self, spec: WorkerSpec) -> str:
         return os.path.join(spec.directory, VENV)
 
+    def outputs(self, spec: WorkerSpec) -> list[str]:
+        """The venv's python, when there are dependencies to install."""
+        return [self.python(spec)] if self.manifest(spec) is not None else []
+
     def python(self, spec: WorkerSpec) -> str:
         """What runs the worker: its venv's python when it has dependencies."""
         if self.manifest(spec) is not None:

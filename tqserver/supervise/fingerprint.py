@@ -72,6 +72,7 @@ class Fingerprint:
     artifact: str
     views: str
     config: str
+    missing: tuple[str, ...] = ()  # build outputs not on disk (deleted by a deploy)
 
     @classmethod
     def take(cls, spec, runtime) -> Fingerprint:
@@ -80,11 +81,15 @@ class Fingerprint:
             artifact=_signature(runtime.artifact(spec)),
             views=tree_signature([os.path.join(spec.directory, "views")]),
             config=_signature(spec.config_file),
+            missing=tuple(p for p in runtime.outputs(spec) if not os.path.exists(p)),
         )
 
     def difference(self, now: Fingerprint) -> str | None:
         """What changed since this fingerprint: 'artifact' (a deployed binary: restart it
-        as is), 'sources' (rebuild), 'views' or 'config' (restart), or None."""
+        as is), 'sources' (rebuild; also when a build output is missing now, as after an
+        rsync --delete without protect rules), 'views' or 'config' (restart), or None."""
+        if set(now.missing) - set(self.missing):  # there when deployed, gone now
+            return "sources"
         if now.artifact != self.artifact and now.artifact:
             return "artifact"
         if now.sources != self.sources:

@@ -363,9 +363,8 @@ class WorkerPool(Rotation, Service):
         # A swap keeps the current scale (autoscaling may have added instances).
         swapped = await self._rollout(max(self.desired, len(old)), old, reason)
         if swapped:
-            self.fingerprint = attrs.evolve(
-                before, artifact=Fingerprint.take(self.spec, self.runtime).artifact
-            )
+            after = Fingerprint.take(self.spec, self.runtime)  # what the build left
+            self.fingerprint = attrs.evolve(before, artifact=after.artifact, missing=after.missing)
             self.revision = revision
         return swapped
 

@@ -67,6 +67,7 @@ class Node:
         self.root = root
         os.makedirs(root, exist_ok=True)
         self.port = free_port()
+        self.admin_port = free_port()  # its own: every node runs the same server.yaml
         self.proc: TwistdProcess | None = None
 
     @property
@@ -97,7 +98,8 @@ class Node:
         env = deploy_env({"PYTHONPATH": REPO})
         pidfile = os.path.join(self.root, "shared", "run", "tqserver.pid")
         argv = [*twistd_argv(), "-n", "--pidfile", pidfile, "tqserver", "--root", self.current,
-                "--mode", "prod", "--listen", f"tcp:{self.port}:interface=127.0.0.1"]
+                "--mode", "prod", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                "--admin-listen", f"tcp:{self.admin_port}:interface=127.0.0.1"]
         reactor.spawnProcess(proto, argv[0], argv, env=env, path=self.root)
         self.proc = proto
         return proto

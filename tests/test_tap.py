@@ -96,3 +96,31 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(listen_address("tcp6:8080"), ("::", 8080, socket.AF_INET6))
         self.assertEqual(listen_address("tcp:port=81:interface=127.0.0.1"),
                          ("127.0.0.1", 81, socket.AF_INET))
+
+    def test_admin_listen_overrides_the_config(self) -> None:
+        with open(os.path.join(self.root, "etc", "server.yaml"), "w") as f:
+            f.write('admin:\n  listen: "tcp:1:interface=127.0.0.1"\n')
+        options = self.parse("--admin-listen", "tcp:0:interface=127.0.0.1")
+        self.assertEqual(options["server_config"].admin.listen, "tcp:0:interface=127.0.0.1")
+        self.assertEqual(self.parse("--admin-listen", "")["server_config"].admin.listen, "")
+
+    def test_admin_listen_off_loopback_needs_a_token(self) -> None:
+        with self.assertRaises(SystemExit) as ctx:
+            self.parse("--admin-listen", "tcp:0")
+        self.assertIn("--admin-listen tcp:0: not on loopback: set admin.token",
+                      str(ctx.exception.code))
+        with open(os.path.join(self.root, "etc", "server.yaml"), "w") as f:
+            f.write('admin:\n  token: "s3cret"\n')
+        self.assertEqual(self.parse("--admin-listen", "tcp:0")["server_config"].admin.listen,
+                         "tcp:0")
+
+    def test_admin_listen_on_a_taken_port_is_named(self) -> None:
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        with self.assertRaises(SystemExit) as ctx:
+            self.parse("--admin-listen", f"tcp:{port}:interface=127.0.0.1")
+        self.assertIn(f"--admin-listen: cannot listen on 127.0.0.1:{port}",
+                      str(ctx.exception.code))

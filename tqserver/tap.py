@@ -8,6 +8,7 @@ import re
 import socket
 import sys
 
+import attrs
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.logger import ILogObserver, Logger
@@ -16,7 +17,9 @@ from twisted.python import usage
 from tqserver.config.errors import ConfigError
 from tqserver.config.server import (
     ServerConfig,
+    admin_tcp_interface,
     default_server_config,
+    is_loopback,
     load_server_config,
     read_admin_token,
 )
@@ -70,6 +73,13 @@ class Options(usage.Options):
             None,
             "dev or prod (also development/production). Default: $TQSERVER_MODE, else dev.",
         ],
+        [
+            "admin-listen",
+            None,
+            None,
+            "The control plane's endpoint (e.g. tcp:8081:interface=127.0.0.1); overrides "
+            "admin.listen.",
+        ],
     ]
     optFlags = [
         ["quiet", "q", "No console log; log to the configured files only."],
@@ -112,10 +122,15 @@ class Options(usage.Options):
             read_admin_token(self["server_config"].admin, self["root"])
         except OSError as e:
             raise fatal(f"admin.token_file: cannot read it: {e}") from None
+        if self["admin-listen"] is not None:
+            self["server_config"] = _with_admin_listen(
+                self["server_config"], self["admin-listen"].strip()
+            )
         admin_listen = self["server_config"].admin.listen
-        problem = _listen_problem(admin_listen)
+        problem = _listen_problem(admin_listen) if admin_listen else None
         if problem:
-            raise fatal(f"admin.listen: {problem}")
+            where = "--admin-listen" if self["admin-listen"] is not None else "admin.listen"
+            raise fatal(f"{where}: {problem}")
         self["proxy_processes"] = proxy_process_count(self["server_config"].server.proxy_processes)
         if self["proxy_processes"] > 1:
             for description in self["listen"]:
@@ -157,6 +172,20 @@ class Options(usage.Options):
             return load_server_config(path)
         except ConfigError as e:
             raise fatal(str(e)) from None
+
+
+def _with_admin_listen(config: ServerConfig, listen: str) -> ServerConfig:
+    """``config`` with the control plane on ``listen`` (--admin-listen), refused where
+    admin.listen would be: off loopback without a token."""
+    admin = config.admin
+    interface = admin_tcp_interface(listen)
+    if interface is not None and not is_loopback(interface):
+        if not (admin.token or admin.token_file):
+            raise fatal(
+                f"--admin-listen {listen}: not on loopback: set admin.token or "
+                "admin.token_file, or listen on a unix: socket or interface=127.0.0.1"
+            )
+    return attrs.evolve(config, admin=attrs.evolve(admin, listen=listen))
 
 
 def start_self_reloader() -> None:

@@ -124,7 +124,8 @@ class Load:
 
 class PolyglotBase(IntegrationBase):
     async def worker_state(self, client: Client, project: Project, name: str) -> dict:
-        code, health = await client.get_json(project.url + "/health")
+        # the full detail (the public /health in prod has no last_build)
+        code, health = await client.get_json(project.admin_url + "/health")
         return health["workers"][name]
 
     async def swap_under_load(self, client: Client, project: Project, proc, load: Load,

@@ -7,11 +7,8 @@ from __future__ import annotations
 import os
 import re
 
-from twisted.internet import reactor
-from twisted.trial import unittest
-
+from .haproxy_support import require_haproxy, start_haproxy
 from .support import Client, free_port, sleep, wait_until
-from .test_cluster_integration import HAPROXY, Output
 from .test_integration import IntegrationBase, d
 
 HAPROXY_CFG = """defaults
@@ -47,8 +44,7 @@ COMBINED = re.compile(
 
 class AccessLogBehindHAProxyTests(IntegrationBase):
     def setUp(self):
-        if not os.access(HAPROXY, os.X_OK):
-            raise unittest.SkipTest("haproxy is not installed (apt-get install haproxy)")
+        require_haproxy()
 
     def test_client_from_xff_combined_health_probes_excluded(self):
         return d(self._behind_haproxy())
@@ -69,14 +65,7 @@ class AccessLogBehindHAProxyTests(IntegrationBase):
         lb_port = free_port()
         cfg = project.write("haproxy.cfg", HAPROXY_CFG.format(port=lb_port,
                                                              node_port=project.port))
-        lb = Output()
-        reactor.spawnProcess(lb, HAPROXY, [HAPROXY, "-db", "-f", cfg], env=dict(os.environ))
-
-        def stop_lb():
-            if not lb.done:
-                lb.transport.signalProcess("TERM")
-                return lb.ended
-        self.addCleanup(stop_lb)
+        start_haproxy(self, cfg)
 
         async def through_lb():
             response, _ = await client.get(f"http://127.0.0.1:{lb_port}/app/x")

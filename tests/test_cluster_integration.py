@@ -9,14 +9,13 @@ import shutil
 import tempfile
 import time
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from .deploy_support import Node, body_of, py_app, release_of, run_deploy, source_project
+from .haproxy_support import require_haproxy, start_haproxy
 from .support import Client, free_port, kill_leftovers, sleep, stop_twistd, wait_until
-
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 HAPROXY_CFG = """global
     stats socket {socket} mode 600 level admin
@@ -36,22 +35,6 @@ backend nodes
     server node1 127.0.0.1:{port1} check
     server node2 127.0.0.1:{port2} check
 """
-
-
-class Output(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.text = b""
-        self.ended = defer.Deferred()
-        self.done = False
-
-    def outReceived(self, data: bytes) -> None:
-        self.text += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.done = True
-        self.ended.callback(None)
 
 
 class Load:
@@ -95,8 +78,7 @@ class RollingDeployTests(unittest.TestCase):
     timeout = 300
 
     def setUp(self) -> None:
-        if not os.access(HAPROXY, os.X_OK):
-            raise unittest.SkipTest("haproxy is not installed (apt-get install haproxy)")
+        require_haproxy()
 
     def test_rolling_deploy_behind_haproxy_drops_nothing(self):
         return defer.ensureDeferred(self._rolling())
@@ -132,10 +114,7 @@ class RollingDeployTests(unittest.TestCase):
         with open(config, "w") as f:
             f.write(HAPROXY_CFG.format(socket=socket_path, port=lb_port,
                                        port1=nodes[0].port, port2=nodes[1].port))
-        lb = Output()
-        reactor.spawnProcess(lb, HAPROXY, [HAPROXY, "-db", "-f", config], env=dict(os.environ))
-        self.addCleanup(lambda: None if lb.done else (lb.transport.signalProcess("KILL"),
-                                                     lb.ended)[1])
+        lb = start_haproxy(self, config)
         front = f"http://127.0.0.1:{lb_port}/app/"
 
         async def both_up():
@@ -147,7 +126,7 @@ class RollingDeployTests(unittest.TestCase):
         try:
             await wait_until(both_up, 30, "HAProxy forwarding", None)
         except AssertionError as e:
-            raise AssertionError(f"{e}\n{lb.text.decode('utf-8', 'replace')}") from None
+            raise AssertionError(f"{e}\n{lb.output}") from None
 
         load = Load(front)
         started = time.monotonic()
@@ -157,7 +136,7 @@ class RollingDeployTests(unittest.TestCase):
         await sleep(0.5)
         await load.stop()
         seconds = time.monotonic() - started
-        self.assertEqual(code, 0, out + lb.text.decode("utf-8", "replace"))
+        self.assertEqual(code, 0, out + lb.output)
         release = release_of(out)
         for name in ("node1", "node2"):
             self.assertIn(f"[{name}] drain: nodes/{name} drained", out)

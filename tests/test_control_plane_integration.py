@@ -9,9 +9,10 @@ import os
 import shutil
 import tempfile
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
+from .haproxy_support import require_haproxy, start_haproxy
 from .support import (
     Client,
     Project,
@@ -21,8 +22,6 @@ from .support import (
     stop_twistd,
     wait_until,
 )
-
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 HAPROXY_CFG = """global
     maxconn 200
@@ -52,28 +51,11 @@ serve(app)
 TOKEN = "s3cret-admin-token"
 
 
-class Output(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.text = b""
-        self.done = False
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.text += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.done = True
-        self.ended.callback(None)
-
-
 class ControlPlaneBehindHAProxyTests(unittest.TestCase):
     timeout = 180
 
     def setUp(self) -> None:
-        if not os.access(HAPROXY, os.X_OK):
-            raise unittest.SkipTest("haproxy is not installed (apt-get install haproxy)")
+        require_haproxy()
 
     async def serve(self, admin_yaml: str):
         """A prod twistd (one Python worker on /) behind HAProxy; (project, client of
@@ -91,10 +73,7 @@ class ControlPlaneBehindHAProxyTests(unittest.TestCase):
         config = os.path.join(project.root, "haproxy.cfg")
         with open(config, "w") as f:
             f.write(HAPROXY_CFG.format(port=lb_port, node_port=project.port))
-        lb = Output()
-        reactor.spawnProcess(lb, HAPROXY, [HAPROXY, "-db", "-f", config], env=dict(os.environ))
-        self.addCleanup(lambda: None if lb.done else (lb.transport.signalProcess("KILL"),
-                                                     lb.ended)[1])
+        lb = start_haproxy(self, config)
         client = Client(self)
         front = f"http://127.0.0.1:{lb_port}"
 
@@ -104,7 +83,7 @@ class ControlPlaneBehindHAProxyTests(unittest.TestCase):
         try:
             await wait_until(serving, 90, "the app served through HAProxy", proc)
         except AssertionError as e:
-            raise AssertionError(f"{e}\n{lb.text.decode('utf-8', 'replace')}") from None
+            raise AssertionError(f"{e}\n{lb.output}") from None
         return project, client, front, proc
 
     def short_dir(self) -> str:

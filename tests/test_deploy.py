@@ -72,7 +72,10 @@ class DeployTestBase(unittest.TestCase):
         await wait_until(serves, 90, f"{node.root} serving {expect!r}", proc)
 
     async def health(self, node: Node) -> dict:
-        return (await self.client.get_json(node.url + "/health"))[1]
+        """The full /health, on the node's admin listener (the public one in prod has no
+        build detail)."""
+        url = f"http://127.0.0.1:{node.admin_port}/health"
+        return (await self.client.get_json(url))[1]
 
 
 class DeployLocalTests(DeployTestBase):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 
-from twisted.internet import defer, protocol, reactor, utils
+from twisted.internet import utils
 from twisted.trial import unittest
 
+from .haproxy_support import require_haproxy, start_haproxy
 from .support import (
     Client,
     Project,
@@ -177,7 +178,6 @@ class HealthContractTests(HealthBase):
         self.assertEqual(await stop_twistd(proc), 0)
 
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 # DEPLOYMENT.md's route-aware example, one node: a backend per worker, each checking it.
 HAPROXY_CFG = """defaults
@@ -212,31 +212,13 @@ listen stats
 """
 
 
-class HAProxyOut(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.text = b""
-        self.done = False
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.text += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.done = True
-        self.ended.callback(None)
-
-
 class RouteAwareBalancerTests(HealthBase):
     """A real HAProxy with `option httpchk GET /health/<worker>` per backend: the broken
     worker's backend has the node DOWN, the good one's UP (and plain /health, at the
     default degraded_status 200, keeps it UP: the node stays in rotation)."""
 
     def setUp(self) -> None:
-        if not os.access(HAPROXY, os.X_OK):
-            raise unittest.SkipTest("haproxy is not installed (bin/install-toolchains "
-                                    "--only haproxy)")
+        require_haproxy()
 
     def test_per_worker_checks(self):
         return d(self._per_worker())
@@ -250,10 +232,7 @@ class RouteAwareBalancerTests(HealthBase):
         config = self.mktemp()
         with open(config, "w") as f:
             f.write(HAPROXY_CFG.format(port=port, node=project.port, stats=stats))
-        lb = HAProxyOut()
-        reactor.spawnProcess(lb, HAPROXY, [HAPROXY, "-db", "-f", config], env=dict(os.environ))
-        self.addCleanup(lambda: None if lb.done else (lb.transport.signalProcess("KILL"),
-                                                     lb.ended)[1])
+        lb = start_haproxy(self, config)
         states = {}
 
         async def checked():
@@ -268,12 +247,11 @@ class RouteAwareBalancerTests(HealthBase):
         try:
             await wait_until(checked, 30, "HAProxy's checks settled", proc)
         except AssertionError as e:
-            raise AssertionError(f"{e}\nstates {states}\n{lb.text.decode()}") from None
+            raise AssertionError(f"{e}\nstates {states}\n{lb.output}") from None
         response, body = await client.get(f"http://127.0.0.1:{port}/good/x")
         self.assertEqual((response.code, body), (200, b"python /x /good"))
         response, body = await client.get(f"http://127.0.0.1:{port}/broken/x")
         self.assertEqual(response.code, 503)
         self.assertIn(b"No server is available", body)      # HAProxy's own: not sent there
-        lb.transport.signalProcess("TERM")
-        await lb.ended
+        await lb.stop()
         self.assertEqual(await stop_twistd(proc), 0)

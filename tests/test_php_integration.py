@@ -228,7 +228,8 @@ class MissingPhpFpmTests(IntegrationBase):
             code, health = await client.get_json(project.url + "/health")
             return health["workers"]["blog"]["status"] == "failed"
         await wait_until(blog_failed, 30, "the blog worker to be reported failed", proc)
-        code, health = await client.get_json(project.url + "/health")
+        # the error is on the admin listener (the public /health in prod has none)
+        code, health = await client.get_json(project.admin_url + "/health")
         self.assertEqual(health["status"], "degraded")
         error = health["workers"]["blog"]["error"]
         self.assertIn("/nonexistent/php-fpm", error)

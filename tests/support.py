@@ -24,6 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_port(testcase) -> int:
+    """A loopback port taken by a listening socket until ``testcase`` ends."""
+    sock = socket.socket()
+    testcase.addCleanup(sock.close)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock.getsockname()[1]
+
+
 def free_port_range(size: int = 40) -> int:
     """Start of ``size`` consecutive free ports (best effort), away from other tests."""
     import random

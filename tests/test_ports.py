@@ -1,11 +1,11 @@
 """PortPool: range, skipping ports bound by anyone, release, exhaustion."""
 from __future__ import annotations
 
-import socket
-
 from twisted.trial import unittest
 
 from tqserver.supervise.ports import PortPool, PortsExhausted, port_is_free
+
+from .support import listening_port
 
 
 class PortPoolTests(unittest.TestCase):
@@ -38,11 +38,7 @@ class PortPoolTests(unittest.TestCase):
         self.assertRaises(ValueError, pool.reconfigure, 10, 5)
 
     def test_real_bound_port_is_not_free(self) -> None:
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        port = sock.getsockname()[1]
+        port = listening_port(self)
         self.assertFalse(port_is_free(port))
         pool = PortPool(port, port)
         self.assertRaises(PortsExhausted, pool.acquire)

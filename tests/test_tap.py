@@ -8,6 +8,8 @@ from twisted.trial import unittest
 
 from tqserver.tap import Options, _listen_problem, _public_url, tcp_address
 
+from .support import listening_port
+
 
 class TcpAddressTests(unittest.TestCase):
     def test_forms(self) -> None:
@@ -22,11 +24,7 @@ class TcpAddressTests(unittest.TestCase):
         self.assertEqual(_public_url(["unix:/x"]), "")
 
     def test_taken_port(self) -> None:
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        port = sock.getsockname()[1]
+        port = listening_port(self)
         problem = _listen_problem(f"tcp:{port}:interface=127.0.0.1")
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", problem)
         self.assertIn("--listen tcp:x", _listen_problem("tcp:x"))
@@ -89,7 +87,6 @@ class OptionsTests(unittest.TestCase):
                       str(ctx.exception.code))
 
     def test_listen_address(self) -> None:
-        import socket
 
         from tqserver.tap import listen_address
         self.assertEqual(listen_address("tcp:8080"), ("0.0.0.0", 8080, socket.AF_INET))
@@ -107,7 +104,7 @@ class OptionsTests(unittest.TestCase):
     def test_admin_listen_off_loopback_needs_a_token(self) -> None:
         with self.assertRaises(SystemExit) as ctx:
             self.parse("--admin-listen", "tcp:0")
-        self.assertIn("--admin-listen tcp:0: not on loopback: set admin.token",
+        self.assertIn("--admin-listen: 'tcp:0' listens on all interfaces: set admin.token",
                       str(ctx.exception.code))
         with open(os.path.join(self.root, "etc", "server.yaml"), "w") as f:
             f.write('admin:\n  token: "s3cret"\n')
@@ -115,11 +112,7 @@ class OptionsTests(unittest.TestCase):
                          "tcp:0")
 
     def test_admin_listen_on_a_taken_port_is_named(self) -> None:
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        port = sock.getsockname()[1]
+        port = listening_port(self)
         with self.assertRaises(SystemExit) as ctx:
             self.parse("--admin-listen", f"tcp:{port}:interface=127.0.0.1")
         self.assertIn(f"--admin-listen: cannot listen on 127.0.0.1:{port}",

@@ -17,11 +17,10 @@ from twisted.python import usage
 from tqserver.config.errors import ConfigError
 from tqserver.config.server import (
     ServerConfig,
-    admin_tcp_interface,
     default_server_config,
-    is_loopback,
     load_server_config,
     read_admin_token,
+    unguarded_admin_listener,
 )
 from tqserver.control.admin import AdminFront, AdminToken
 from tqserver.control.events import EventHub
@@ -127,7 +126,7 @@ class Options(usage.Options):
                 self["server_config"], self["admin-listen"].strip()
             )
         admin_listen = self["server_config"].admin.listen
-        problem = _listen_problem(admin_listen) if admin_listen else None
+        problem = _listen_problem(admin_listen)
         if problem:
             where = "--admin-listen" if self["admin-listen"] is not None else "admin.listen"
             raise fatal(f"{where}: {problem}")
@@ -177,15 +176,11 @@ class Options(usage.Options):
 def _with_admin_listen(config: ServerConfig, listen: str) -> ServerConfig:
     """``config`` with the control plane on ``listen`` (--admin-listen), refused where
     admin.listen would be: off loopback without a token."""
-    admin = config.admin
-    interface = admin_tcp_interface(listen)
-    if interface is not None and not is_loopback(interface):
-        if not (admin.token or admin.token_file):
-            raise fatal(
-                f"--admin-listen {listen}: not on loopback: set admin.token or "
-                "admin.token_file, or listen on a unix: socket or interface=127.0.0.1"
-            )
-    return attrs.evolve(config, admin=attrs.evolve(admin, listen=listen))
+    admin = attrs.evolve(config.admin, listen=listen)
+    problem = unguarded_admin_listener(admin)
+    if problem:
+        raise fatal(f"--admin-listen: {problem}")
+    return attrs.evolve(config, admin=admin)
 
 
 def start_self_reloader() -> None:

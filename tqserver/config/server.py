@@ -185,19 +185,26 @@ class AdminSection:
     public: bool = _f(False, _bool)
 
 
+def unguarded_admin_listener(admin: AdminSection) -> str | None:
+    """Why ``admin.listen`` is refused (anyone could reach it: off loopback without a
+    token), or None."""
+    interface = admin_tcp_interface(admin.listen)
+    if interface is None or is_loopback(interface) or admin.token or admin.token_file:
+        return None
+    where = "all interfaces" if interface in ("", "0.0.0.0", "::") else interface
+    return (
+        f"{admin.listen!r} listens on {where}: set admin.token or admin.token_file, "
+        "or listen on a unix: socket or interface=127.0.0.1"
+    )
+
+
 def _check_admin(config: ServerConfig, ctx: _Context) -> None:
     """Refuse a control plane that anyone could reach without the token."""
     admin = config.admin
     has_token = bool(admin.token or admin.token_file)
-    interface = admin_tcp_interface(admin.listen)
-    if interface is not None and not is_loopback(interface) and not has_token:
-        where = "all interfaces" if interface in ("", "0.0.0.0", "::") else interface
-        raise ctx.error(
-            "admin.listen",
-            ctx.positions.get("admin.listen", (None, None)),
-            f"{admin.listen!r} listens on {where}: set admin.token or admin.token_file, "
-            "or listen on a unix: socket or interface=127.0.0.1",
-        )
+    problem = unguarded_admin_listener(admin)
+    if problem:
+        raise ctx.error("admin.listen", ctx.positions.get("admin.listen", (None, None)), problem)
     if admin.public and not has_token:
         raise ctx.error(
             "admin.public",

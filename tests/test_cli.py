@@ -44,6 +44,14 @@ class RenderTests(unittest.TestCase):
         self.assertEqual(notes, ["configuration error: etc/x.yaml:1:2: bad",
                                  "app: exited with status 1"])
 
+    def test_not_ready_is_said_and_ready_is_quiet(self) -> None:
+        waiting = dict(SNAPSHOT, ready={"status": "starting", "waiting_for": ["api", "app"]})
+        self.assertIn("not ready: starting (waiting for api, app)", table(waiting).splitlines())
+        draining = dict(SNAPSHOT, ready={"status": "draining", "waiting_for": []})
+        self.assertIn("not ready: draining", table(draining).splitlines())
+        ready = dict(SNAPSHOT, ready={"status": "ready", "waiting_for": []})
+        self.assertEqual(table(ready), table(SNAPSHOT))
+
     def test_units(self) -> None:
         self.assertEqual([duration(None), duration(5), duration(7300), duration(90000)],
                          ["-", "5s", "2h01m", "1d01h"])

@@ -69,6 +69,16 @@ class ServerDefaultsTests(unittest.TestCase):
         self.assertEqual(c.source, "")
 
 
+class ShippedServerYamlTests(unittest.TestCase):
+    def test_it_loads_cleanly_and_says_only_the_defaults(self):
+        """etc/server.yaml shows the main keys as a starting point: each with its default,
+        so it cannot drift from the README's table."""
+        path = os.path.join(os.path.dirname(__file__), "..", "etc", "server.yaml")
+        config, warnings = load_server_config(path)
+        self.assertEqual(warnings, [])
+        self.assertEqual(attrs.evolve(config, source=""), default_server_config())
+
+
 class WorkerDefaultsTests(unittest.TestCase):
     """The defaults are those the README lists for worker.yaml."""
 

@@ -3,9 +3,10 @@ where one worker's build is broken (its requirements name a package that is not 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
-from twisted.internet import utils
+from twisted.internet import defer, protocol, reactor, utils
 from twisted.trial import unittest
 
 from .haproxy_support import require_haproxy, start_haproxy
@@ -14,6 +15,7 @@ from .support import (
     Project,
     free_port,
     kill_leftovers,
+    sleep,
     spawn_twistd,
     stop_twistd,
     wait_until,
@@ -101,6 +103,71 @@ class MetricsScrapeTests(HealthBase):
         out, err, code = await utils.getProcessOutputAndValue(
             "/bin/sh", ["-c", 'exec "$0" check metrics < "$1"', promtool, path])
         self.assertEqual(code, 0, (out + err).decode())
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
+# A worker whose /slow takes 2 s: a request in flight that a shutdown drains.
+SLOW_PATH_WORKER = PY_WORKER.replace(
+    "def app(environ, start_response):\n",
+    "def app(environ, start_response):\n"
+    "    if environ['PATH_INFO'] == '/slow':\n"
+    "        import time; time.sleep(2)\n")
+
+
+class KeptAlive(protocol.Protocol):
+    """One client connection kept open across requests (a load balancer's)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed = True
+
+    async def get(self, path: str, proc) -> bytes:
+        """The next response's head and body (Content-Length framed)."""
+        self.data = b""
+        self.transport.write(b"GET %s HTTP/1.1\r\nHost: lb\r\n\r\n" % path.encode())
+
+        async def whole():
+            head, sep, body = self.data.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            return bool(sep and length and len(body) >= int(length.group(1))) or self.closed
+        await wait_until(whole, 10, f"the answer to {path}", proc)
+        return self.data
+
+
+class DrainingTests(HealthBase):
+    def test_not_ready_while_draining_for_shutdown(self):
+        return d(self._draining())
+
+    async def _draining(self):
+        project = self.project(good=SLOW_PATH_WORKER)
+        os.remove(os.path.join(project.root, "workers", "broken", "requirements.txt"))
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        url = project.url + "/health"
+
+        async def ready():
+            response, _ = await client.get(url + "/ready")
+            return response.code == 200
+        await wait_until(ready, 60, "/health/ready 200", proc)
+        lb = await protocol.ClientCreator(reactor, KeptAlive).connectTCP(
+            "127.0.0.1", project.port)
+        self.addCleanup(lambda: lb.closed or lb.transport.loseConnection())
+        self.assertIn(b" 200 ", (await lb.get("/health/ready", proc)).split(b"\r\n")[0])
+        slow = defer.ensureDeferred(client.get(project.url + "/good/slow"))
+        await sleep(0.5)                               # (in flight at the worker)
+        proc.transport.signalProcess("TERM")
+        await sleep(0.3)
+        answer = await lb.get("/health/ready", proc)   # the balancer's next check
+        self.assertIn(b" 503 ", answer.split(b"\r\n")[0], answer)
+        self.assertIn(b'"draining"', answer)
+        response, body = await slow                    # and what was in flight finished
+        self.assertEqual((response.code, body), (200, b"python /slow /good"))
         self.assertEqual(await stop_twistd(proc), 0)
 
 

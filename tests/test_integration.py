@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 from twisted.internet import defer
@@ -105,6 +106,11 @@ class ExampleSiteTests(IntegrationBase):
         self.assertEqual(response.code, 200)
         self.assertIn(b"TQServer", body)
         self.assertEqual(response.headers.getRawHeaders("x-tqserver-worker-name"), ["index"])
+        links = set(re.findall(rb'href="(/[^"]*)"', body))
+        self.assertIn(b"/health", links)
+        for link in sorted(links):  # every link on the page leads somewhere
+            response, _ = await client.get(project.url + link.decode())
+            self.assertNotIn(response.code, (403, 404), link)
 
         response, body = await client.get(project.url + "/hello/")
         self.assertEqual(response.code, 200)

@@ -2,6 +2,7 @@
 with backoff, health replacement, stop."""
 from __future__ import annotations
 
+import os
 import signal
 
 import attrs
@@ -86,6 +87,22 @@ class StartTests(PoolTestBase):
         self.reactor.advance(0.1)
         self.assertIn("exited with status 3 before becoming healthy", self.pool.error)
 
+    def test_a_worker_dying_before_its_first_probe_is_a_crash_loop(self) -> None:
+        """Not "starting" for ever: each exit counts as a restart, five are a crash loop."""
+        self.probe.default = False
+        self.pool.startService()
+        for n in range(5):
+            self.reactor.spawned[-1].exit(1)
+            self.reactor.advance(0.15)                          # the next readiness poll
+            self.assertEqual(self.pool.restarts.get("start"), n + 1)
+            if n < 4:
+                self.assertEqual(self.pool.status, "starting")
+                while len(self.reactor.spawned) == n + 1:      # the backoff, then a retry
+                    self.reactor.advance(0.05)
+        self.assertTrue(self.pool.crash_loop)
+        self.assertEqual(self.pool.status, "failed")            # (retried after a backoff)
+        self.assertEqual(self.pool.describe()["restarts"], {"start": 5})
+
     def test_wait_serving_holds_until_ready(self) -> None:
         self.pool.startService()
         got = []
@@ -159,7 +176,11 @@ class SwapTests(PoolTestBase):
 
     def test_deploys_coalesce(self) -> None:
         self.start_healthy()
-        results = [self.pool.deploy("a"), self.pool.deploy("b"), self.pool.deploy("c")]
+        results = [self.pool.deploy("a")]
+        os.makedirs(self.spec.directory, exist_ok=True)
+        with open(os.path.join(self.spec.directory, "worker.sh"), "w") as f:
+            f.write("edited while a deploys")
+        results += [self.pool.deploy("b"), self.pool.deploy("c")]
         # one running, the other two merged into one queued deploy
         self.reactor.advance(0.1)
         self.reactor.advance(0.1)
@@ -265,6 +286,20 @@ class ProblemTests(PoolTestBase):
         self.assertIn("no free port", self.pool.error)
         self.assertEqual(self.pool.status, "starting")   # retried later, not spun on
         self.assertEqual(self.reactor.spawned, [])
+
+    def test_a_swap_refused_for_lack_of_ports_is_logged(self) -> None:
+        from twisted.logger import capturedLogs, formatEvent
+
+        old = self.start_healthy()
+        self.ports.reconfigure(9000, 9000)      # the running instance holds the only port
+        with capturedLogs() as events:
+            self.pool.deploy("SIGHUP: sources changed")
+        [error] = [e for e in events if e["log_level"].name == "error"]
+        text = formatEvent(error)
+        self.assertIn("api: cannot start an instance for SIGHUP: sources changed", text)
+        self.assertIn("no free port in workers.port_range 9000-9000", text)
+        self.assertIn("the running instances keep serving", text)
+        self.assertEqual(self.pool.serving, (old,))
 
     def test_missing_go_toolchain_names_what_to_install(self) -> None:
         from tqserver.runtimes import go
@@ -397,13 +432,22 @@ class BuildTests(PoolTestBase):
         self.reactor.advance(0.1)
         self.assertEqual(self.pool.revision, "r3")
 
+    def edit(self, text: str) -> None:
+        """A source edit on disk (what makes a build request a newer one)."""
+        os.makedirs(self.spec.directory, exist_ok=True)
+        with open(os.path.join(self.spec.directory, "main.go"), "w") as f:
+            f.write(text)
+
     def test_newer_change_supersedes_build_in_progress(self) -> None:
         self.pool.startService()
         self.compiler().exit(0)
         self.reactor.advance(0.1)
+        self.edit("1")
         self.pool.deploy("edit 1")
         first = self.compiler()
+        self.edit("22")
         self.pool.deploy("edit 2")                          # while the first compiles
+        self.edit("333")
         self.pool.deploy("edit 3")
         self.assertTrue(first.ended)                        # killed (SIGKILL to its group)
         self.assertIn((first.pid, 9), self.signals.sent)
@@ -415,6 +459,40 @@ class BuildTests(PoolTestBase):
         self.reactor.advance(0.1)
         self.assertEqual(len(self.pool.serving), 1)
         self.assertFalse(self.pool.last_build.cancelled)
+
+
+    def test_requests_for_the_files_in_flight_join_it(self) -> None:
+        """100 HUPs while it builds: one build, one swap, and every request told its end."""
+        self.pool.startService()
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        old = self.pool.serving[0]
+        self.edit("new")
+        results = []
+        first = self.pool.deploy("SIGHUP: sources changed")
+        first.addCallback(results.append)
+        for _ in range(100):
+            self.pool.deploy("SIGHUP: sources changed").addCallback(results.append)
+        self.assertEqual(len([t for t in self.reactor.spawned if "compiler" in t.argv]), 2)
+        self.assertFalse(self.compiler().ended)
+        self.compiler().exit(0)
+        self.pool.deploy("SIGHUP: sources changed").addCallback(results.append)  # mid-swap
+        self.reactor.advance(0.1)
+        self.assertEqual(results, [True] * 102)
+        self.assertEqual(len([t for t in self.reactor.spawned if "compiler" in t.argv]), 2)
+        self.assertEqual(len(self.pool.serving), 1)
+        self.assertIsNot(self.pool.serving[0], old)
+        self.assertFalse(self.pool.deploying)
+
+    def test_a_restart_in_flight_does_not_absorb_a_build(self) -> None:
+        self.pool.startService()
+        self.compiler().exit(0)
+        self.reactor.advance(0.1)
+        self.pool.deploy("artifact changed", build=False)   # a restart, no build
+        self.edit("new")
+        self.pool.deploy("sources changed")                 # queued behind it
+        self.reactor.advance(0.1)
+        self.assertEqual(len([t for t in self.reactor.spawned if "compiler" in t.argv]), 2)
 
 
 class ScalingTests(PoolTestBase):

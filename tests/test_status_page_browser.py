@@ -44,6 +44,7 @@ class StatusPageBrowserTests(IntegrationBase):
         await self.wait_healthy(client, project, proc, ["app", "api"], timeout=60)
         _, status = await client.get_json(project.admin_url + "/_tqserver/api/status")
         old_pid = str(status["workers"]["app"]["instances"][0]["pid"])
+        self.assertEqual(status["ready"], {"status": "ready", "waiting_for": []})
 
         port = free_port()
         driver = Quiet()
@@ -61,7 +62,11 @@ class StatusPageBrowserTests(IntegrationBase):
             response, data = await client.request(
                 method, wd + path, json.dumps(body or {}).encode() if method == b"POST" else b"",
                 headers={"Content-Type": "application/json"}, timeout=60)
-            return json.loads(data)["value"]
+            value = json.loads(data)["value"]
+            if isinstance(value, dict) and "error" in value:  # a WebDriver error
+                raise AssertionError(f"{method.decode()} {path}: {value['error']}: "
+                                     f"{value.get('message', '')[:300]}")
+            return value
 
         async def up():
             value = await call(b"GET", "/status")
@@ -85,7 +90,18 @@ class StatusPageBrowserTests(IntegrationBase):
                                  ".map(s => s.dataset.worker)")
             return sorted(names) == ["api", "app"]
         await wait_until(workers_shown, 20, "both workers on the page", proc)
-        await script("window.sameDocument = true;")
+        self.assertEqual(await script("return document.getElementById('ready').textContent"),
+                         "ready")
+        await script("window.sameDocument = true;"
+                     " window.button = document.querySelector('button.reload[data-worker=app]');"
+                     " window.shown = document.getElementById('meta').textContent;")
+
+        async def rendered_again():
+            return await script("return document.getElementById('meta').textContent"
+                                " !== window.shown;")
+        await wait_until(rendered_again, 20, "the next snapshot on the page", proc)
+        # The button a user is pressing survives the re-render (or the click is lost).
+        self.assertTrue(await script("return window.button.isConnected;"))
         pid_js = ("const c = document.querySelector('section[data-worker=app] td.pid');"
                   " return c ? c.textContent : null;")
         self.assertEqual(await script(pid_js), old_pid)

@@ -3,13 +3,14 @@ tree with editor save patterns."""
 from __future__ import annotations
 
 import os
+import signal
 
 import attrs
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tqserver.config.server import default_server_config
-from tqserver.supervise.watch import Change, Debouncer, DevWatcher, classify
+from tqserver.supervise.watch import Change, Debouncer, DevWatcher, HangupReload, classify
 
 
 class ClassifyTests(unittest.TestCase):
@@ -77,6 +78,47 @@ class DebouncerTests(unittest.TestCase):
         d.cancel()
         clock.advance(1)
         self.assertEqual(batches, [])
+
+
+class HangupReloadTests(unittest.TestCase):
+    """SIGHUP is debounced like file events: a burst is one reload."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.clock.callFromThread = lambda f, *a: f(*a)  # (the signal handler's hop)
+        self.reloads: list[str] = []
+        self.hup = HangupReload(self.clock, self.reloads.append, delay=lambda: 0.05)
+        self.hup.startService()
+        self.addCleanup(self.hup.stopService)
+
+    def signal(self) -> None:
+        signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)  # as the kernel would
+
+    def test_one_signal_is_one_reload_after_the_delay(self) -> None:
+        self.signal()
+        self.clock.advance(0.04)
+        self.assertEqual(self.reloads, [])
+        self.clock.advance(0.02)
+        self.assertEqual(self.reloads, ["SIGHUP"])
+
+    def test_a_hundred_signals_in_a_second_are_one_reload(self) -> None:
+        for _ in range(100):
+            self.signal()
+            self.clock.advance(0.01)
+        self.assertEqual(self.reloads, [])
+        self.clock.advance(0.05)
+        self.assertEqual(self.reloads, ["SIGHUP x100"])
+        self.signal()                                   # a later one is a reload of its own
+        self.clock.advance(0.05)
+        self.assertEqual(self.reloads, ["SIGHUP x100", "SIGHUP"])
+
+    def test_stopping_puts_the_previous_handler_back_and_drops_a_pending_reload(self):
+        self.signal()
+        self.hup.stopService()
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP), self.hup._on_signal)
+        self.clock.advance(1)
+        self.assertEqual(self.reloads, [])
+        self.hup.startService()                         # (for the cleanup's stop)
 
 
 class FakePool:

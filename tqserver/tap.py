@@ -349,7 +349,11 @@ def makeService(options: Options, reactor=None) -> TQServer:
     events.setServiceParent(top)
     windows.setServiceParent(top)
     stream.setServiceParent(top)
-    HangupReload(reactor, supervisor.reload).setServiceParent(top)
+    HangupReload(
+        reactor,
+        supervisor.reload,
+        delay=lambda: supervisor.config.file_watcher.debounce_ms / 1000.0,
+    ).setServiceParent(top)
     ReopenLogs(reactor, also=[fleet.reopen_logs] if fleet else []).setServiceParent(top)
     watcher = None
     if mode == "dev":

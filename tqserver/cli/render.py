@@ -101,6 +101,13 @@ def table(snapshot: dict, color: bool = False) -> str:
         lines.append("  ".join(out).rstrip())
     if not snapshot["workers"]:
         lines.append("(no workers)")
+    ready = snapshot.get("ready")  # (a server from before readiness has none)
+    if ready is not None and ready["status"] != "ready":
+        waiting = ready["waiting_for"]
+        lines.append(
+            f"not ready: {ready['status']}"
+            + (f" (waiting for {', '.join(waiting)})" if waiting else "")
+        )
     for error in snapshot["config_errors"]:
         lines.append(f"configuration error: {error}")
     for name, w in snapshot["workers"].items():

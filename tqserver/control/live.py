@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from tqserver.control import health
 from tqserver.control.processes import ProcessStats
 from tqserver.control.windows import RequestWindows
 
@@ -88,6 +89,8 @@ class LiveStatus:
             "root": sup.root,
             "revision": sup.revision,
             "workers": workers,
+            # /health/ready's answer: ready | starting | draining | no workers, and who
+            "ready": health.ready(sup.pools.values(), draining=not sup.running)[1],
             "config_errors": [str(e) for e in sup.config_errors],
             "watcher": None if self.watcher is None else self.watcher.describe(),
         }

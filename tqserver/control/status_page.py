@@ -14,6 +14,7 @@ _STYLE = """
 :root{--fg:#1d2330;--mute:#667085;--line:#e3e6ea;--ok:#1a7f37;--warn:#9a6700;--bad:#cf222e}
 body{font:14px system-ui,sans-serif;margin:20px;color:var(--fg);background:#f6f7f9}
 h1{font-size:20px;margin:0 0 4px}header p{margin:0;color:var(--mute)}
+#ready{font-size:13px;font-weight:normal;margin-left:8px}
 header{display:flex;justify-content:space-between;align-items:center;margin-bottom:14px}
 button{font:inherit;padding:4px 10px;border:1px solid #c4c9d0;border-radius:6px;
 background:#fff;cursor:pointer}button:disabled{opacity:.5;cursor:default}
@@ -143,9 +144,22 @@ function render(s) {
   document.getElementById("meta").textContent = "mode " + s.mode + " · root " + s.root +
     (s.revision ? " · revision " + s.revision : "") + " · " +
     new Date(s.time * 1000).toLocaleTimeString();
+  const ready = s.ready || {status: "ready", waiting_for: []};
+  const badge = document.getElementById("ready");
+  badge.className = ready.status === "ready" ? "healthy" : ready.status === "draining" ? "bad" :
+    "starting";
+  badge.textContent = ready.status === "ready" ? "ready" : "not ready: " + ready.status +
+    (ready.waiting_for.length ? " (waiting for " + ready.waiting_for.join(", ") + ")" : "");
   const main = document.getElementById("workers");
   for (const d of main.querySelectorAll("section")) openDetails[d.dataset.worker] =
     d.querySelector("details").open;
+  // Each Reload button outlives the re-render (moved into the new card): a click whose
+  // press and release straddle a snapshot would otherwise land on two buttons, and count
+  // on none.
+  const buttons = {};
+  for (const b of main.querySelectorAll("button.reload[data-worker]")) {
+    buttons[b.dataset.worker] = b;
+  }
   const errs = s.config_errors.map(e => $("li", {}, e));
   const watcher = s.watcher && s.watcher.status === "failed" ?
     $("p", {class: "banner"}, "The file watcher failed: " + (s.watcher.error || "") +
@@ -154,6 +168,7 @@ function render(s) {
     ...Object.entries(s.workers).map(([n, w]) => {
       const c = card(n, w);
       if (openDetails[n] === false) c.querySelector("details").open = false;
+      if (buttons[n]) c.querySelector("button.reload").replaceWith(buttons[n]);
       return c;
     }),
     ...(errs.length ? [$("div", {class: "card banner"}, $("b", {}, "Configuration errors"),
@@ -178,7 +193,7 @@ def render(base: str, snapshot: dict) -> bytes:
 <meta name=viewport content="width=device-width,initial-scale=1">
 <title>TQServer status</title><style>{_STYLE}</style></head>
 <body data-base="{html.escape(base.rstrip("/"))}">
-<header><div><h1>TQServer</h1><p id=meta>connecting…</p></div>
+<header><div><h1>TQServer <span id=ready></span></h1><p id=meta>connecting…</p></div>
 <div><span id=conn class=mute></span> <button id=reload-all>Reload all</button></div></header>
 <main id=workers></main>
 <noscript>This page draws itself from the live status stream and needs JavaScript; the same

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Callable
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 
 from tqserver.logs.files import LOG_FILES, LogFiles
+from tqserver.signals import SignalService
 
 log = Logger()
 
 
-class ReopenLogs(Service):
-    """Installs the SIGUSR1 handler (without it the signal's default action would kill the
+class ReopenLogs(SignalService):
+    """Handles SIGUSR1 (without a handler the signal's default action would kill the
     process and orphan its workers). ``also`` are told too: the supervisor passes the
     signal on to its proxy processes, which write the server log themselves."""
 
     name = "reopen-logs"  # type: ignore[assignment]  # Twisted types Service.name as None
+    signum = signal.SIGUSR1
 
     def __init__(
         self,
@@ -30,23 +31,12 @@ class ReopenLogs(Service):
         files: LogFiles = LOG_FILES,
         also: Sequence[Callable[[], object]] = (),
     ) -> None:
-        self.reactor = reactor
+        super().__init__(reactor)
         self.files = files
         self.also = list(also)
-        self._previous: Any = None  # the handler before ours (signal.signal's answer)
 
-    def startService(self) -> None:
-        Service.startService(self)
-        self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
-
-    def stopService(self):
-        Service.stopService(self)
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._previous = None
-
-    def _on_signal(self, signum, frame) -> None:
-        self.reactor.callFromThread(self.reopen)
+    def received(self) -> None:
+        self.reopen()
 
     def reopen(self) -> None:
         count = self.files.reopen()

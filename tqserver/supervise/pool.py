@@ -98,6 +98,8 @@ class WorkerPool(Rotation, Service):
         self._log_file: FailSafeLog | None = None
         self.log_tail = LogTail()  # its last output lines (status page, tqserver logs)
         self._build_d: defer.Deferred | None = None
+        self._building_from: Fingerprint | None = None  # what the build in flight builds
+        self._joined: list[defer.Deferred] = []  # asked for exactly the deploy in flight
         self.fingerprint: Fingerprint | None = None
         self.revision: str | None = None  # the release the serving code came from
         self._deploy_started = 0.0
@@ -314,6 +316,12 @@ class WorkerPool(Rotation, Service):
         requests coalesce into one queued deploy, so a burst of changes costs one more swap.
         Fires with True when new instances took over."""
         if self.deploying:
+            if build and self._builds_the_same():
+                # (a HUP storm, a second save of nothing new): joining the build in flight
+                # rather than restarting it lets it ever finish.
+                joined: defer.Deferred = defer.Deferred()
+                self._joined.append(joined)
+                return joined
             if self._queue is None:
                 self._queue = (reason, build)
             else:
@@ -324,6 +332,19 @@ class WorkerPool(Rotation, Service):
             self._queue_waiters.append(waiter)
             return waiter
         return self._run_deploy(self._deploy(reason, build))
+
+    def _builds_the_same(self) -> bool:
+        """A build deploy is in flight (building or swapping) of the very files on disk now,
+        and nothing is queued after it: a new build request would only build it again."""
+        building = self._building_from
+        if building is None or self._queue is not None:
+            return False
+        now = Fingerprint.take(self.spec, self.runtime)
+        return (now.sources, now.views, now.config) == (
+            building.sources,
+            building.views,
+            building.config,
+        )
 
     def _run_deploy(self, work: Coroutine[Any, Any, bool]) -> defer.Deferred:
         """Run ``work`` (a build and swap, a scale-up, a replacement) as the one deploy in
@@ -341,6 +362,10 @@ class WorkerPool(Rotation, Service):
 
     def _deploy_done(self, result):
         self.deploying = False
+        self._building_from = None
+        joined, self._joined = self._joined, []
+        for waiter in joined:
+            waiter.callback(result)
         self.ctx.changed(self, PoolEvent.DEPLOYED)
         if self._queue is not None and self.running:
             (reason, build), self._queue = self._queue, None
@@ -357,6 +382,7 @@ class WorkerPool(Rotation, Service):
         before = Fingerprint.take(self.spec, self.runtime)
         revision = self.ctx.revision()
         if build:
+            self._building_from = before
             if not await self._build(reason):
                 return False
         old = list(self.serving)
@@ -443,6 +469,14 @@ class WorkerPool(Rotation, Service):
             for _ in range(count):
                 new.append(self._spawn())
         except (PortsExhausted, CannotBuild, OSError) as e:
+            keep = " (the running instances keep serving)" if self.serving else ""
+            log.error(
+                "{worker}: cannot start an instance for {reason}: {error}{keep}",
+                worker=self.name,
+                reason=reason,
+                error=str(e),
+                keep=keep,
+            )
             self._fail(f"cannot start an instance: {e}")
             await self._stop_all(new)
             self._schedule_retry()

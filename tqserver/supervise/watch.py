@@ -7,7 +7,7 @@ import fnmatch
 import os
 import signal
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Callable
 
 import attrs
 from twisted.application.service import Service
@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python import filepath
 from twisted.python.failure import Failure
 
+from tqserver.signals import SignalService
 from tqserver.supervise.fingerprint import NOT_SOURCE_DIRS
 
 try:
@@ -46,7 +47,8 @@ EDITOR_NOISE = (
 @attrs.frozen
 class Change:
     """What a file event means: ``kind`` is source | config | public | views |
-    server_config | discover; ``worker`` names the worker for the first four."""
+    server_config | discover (or hangup, a SIGHUP); ``worker`` names the worker for the
+    first four."""
 
     kind: str
     worker: str | None = None
@@ -404,26 +406,32 @@ class DevWatcher(Service):
             self._delay_next = RECOVERY_MIN_SECONDS
 
 
-class HangupReload(Service):
-    """SIGHUP → ``reload("SIGHUP")`` on the reactor thread. Signals arriving while a
-    reload runs are not lost: the pools queue and coalesce the deploys they cause."""
+class HangupReload(SignalService):
+    """SIGHUP → ``reload("SIGHUP")``, debounced like file events: a burst of signals (a
+    deploy script's retries, a HUP per host in a loop) is one reload once none arrived
+    for ``delay()`` seconds. Signals arriving while a reload runs are not lost: the pools
+    queue the deploys they cause, and join a build already building the same files."""
 
     name = "hangup"  # type: ignore[assignment]  # Twisted types Service.name as None
+    signum = signal.SIGHUP
 
-    def __init__(self, reactor, reload: Callable[[str], object]) -> None:
-        self.reactor = reactor
+    def __init__(
+        self, reactor, reload: Callable[[str], object], delay: Callable[[], float]
+    ) -> None:
+        super().__init__(reactor)
         self.reload = reload
-        self._previous: Any = None  # the SIGHUP handler before ours (signal.signal's answer)
+        self._count = 0
+        self._debouncer = Debouncer(reactor, delay, self._fire)
 
-    def startService(self) -> None:
-        Service.startService(self)
-        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+    def received(self) -> None:
+        self._count += 1
+        self._debouncer.add(Change("hangup"))
+
+    def _fire(self, _changes: set[Change]) -> None:
+        count, self._count = self._count, 0
+        self.reload("SIGHUP" if count == 1 else f"SIGHUP x{count}")
 
     def stopService(self):
-        Service.stopService(self)
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-
-    def _on_signal(self, signum, frame) -> None:
-        self.reactor.callFromThread(self.reload, "SIGHUP")
+        self._debouncer.cancel()
+        self._count = 0
+        return super().stopService()

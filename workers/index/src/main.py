@@ -149,9 +149,12 @@ def render_index(data, reason) -> bytes:
         out.append('<section class="card"><h2>Workers <span class="badge status-%s">%s</span>'
                    "</h2>%s</section>" % (_css_class(overall), _esc(overall), table))
     info = worker_info()
+    # The status page is on the control plane's own listener (admin.listen), never on
+    # this public port: name the way there rather than link to a 404.
     out.append('<footer>Served by the <code>%s</code> worker (%s) &middot; '
-               '<a href="/_tqserver/">status page</a> &middot; '
-               '<a href="/health">/health</a></footer>'
+               '<a href="/health">/health</a> &middot; status page and admin API: '
+               '<code>.venv/bin/tqserver status</code>, or <code>admin.listen</code> '
+               '(README: &ldquo;The control plane&rdquo;)</footer>'
                % (_esc(info["name"] or "index"), _esc(info["type"] or "python")))
     return _page("TQServer", "\n".join(out))
 

@@ -584,3 +584,43 @@ class HangupOnlyChangedTests(IntegrationBase):
 async def _true_after(seconds: float) -> bool:
     await sleep(seconds)
     return True
+
+
+class HangupStormTests(IntegrationBase):
+    """A storm of SIGHUPs after one source change (a deploy script retrying, a HUP per host
+    in a loop) is one Go build, never a build restarted by each signal."""
+
+    def setUp(self):
+        if find_go() is None:
+            raise unittest.SkipTest("Go is not installed (bin/install-toolchains --only go)")
+
+    def test_a_hundred_hups_build_once(self):
+        return d(self._storm())
+
+    async def _storm(self):
+        project = self.make_project()
+        project.copy_worker("hello")
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["hello"], timeout=120)
+        main = os.path.join(project.root, "workers", "hello", "src", "main.go")
+        with open(main) as f:
+            source = f.read()
+        with open(main, "w") as f:
+            f.write(source.replace("Hello from Go!", "Hello again from Go!"))
+        for _ in range(100):                 # 100 within the debounce: one reload
+            proc.transport.signalProcess("HUP")
+            await sleep(0.002)
+        for _ in range(10):                  # then one every 0.1 s: each joins that build
+            await sleep(0.1)
+            proc.transport.signalProcess("HUP")
+
+        async def new_code():
+            _, body = await client.get(project.url + "/hello/")
+            return b"Hello again from Go!" in body
+        await wait_until(new_code, 120, "the new code", proc)
+        await sleep(0.5)                     # (the last HUPs' reloads logged)
+        self.assertEqual(proc.text.count("building hello ("), 2, proc.text)  # start + one
+        self.assertNotIn("build of hello cancelled", proc.text)
+        self.assertIn("reloading (SIGHUP x", proc.text)   # (the kernel may merge a few)
+        self.assertEqual(await stop_twistd(proc), 0)

@@ -1,4 +1,4 @@
-"""Integration tests of the proxy (README: "The worker contract", "The proxy") over
+"""Integration tests of the proxy (README: "The worker contract"; docs/proxy.md) over
 loopback: a real ProxySite on 127.0.0.1:0 in front of real upstream HTTP servers on
 127.0.0.1:0, with a minimal stand-in for the Supervisor and its worker pools (no worker
 processes are spawned).

@@ -1,5 +1,5 @@
 """The answers served at /health (the aggregate), /health/<worker>, /health/live and
-/health/ready (README: "Health, status, metrics")."""
+/health/ready (docs/operations.md, "Health")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (README: "Health, status, metrics") in a registry of our own, plus the
+"""Prometheus metrics (docs/operations.md, "Metrics") in a registry of our own, plus the
 process collectors.
 
 Per-request figures are kept as plain cumulative numbers (RequestStats): one dict update

@@ -161,8 +161,8 @@ def _fmt_ms(seconds: float | None) -> str:
 
 
 class AccessLog:
-    """One access-log line per request (when server.access_log; README: "Health, status,
-    metrics") and its figures for the request metrics (``stats``), from Site.log."""
+    """One access-log line per request (when server.access_log; docs/operations.md, "Logs")
+    and its figures for the request metrics (``stats``), from Site.log."""
 
     def __init__(
         self,

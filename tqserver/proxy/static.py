@@ -1,4 +1,4 @@
-"""Static files under a worker's ``public/``, served by the proxy itself (README: "The proxy").
+"""Static files under a worker's ``public/``, served by the proxy itself (docs/proxy.md).
 
 Two calls: :func:`resolve_public_file` decides, cheaply and without caching,
 whether a request path names a servable file; :func:`serve_file` answers with

@@ -154,7 +154,7 @@ def render_index(data, reason) -> bytes:
     out.append('<footer>Served by the <code>%s</code> worker (%s) &middot; '
                '<a href="/health">/health</a> &middot; status page and admin API: '
                '<code>.venv/bin/tqserver status</code>, or <code>admin.listen</code> '
-               '(README: &ldquo;The control plane&rdquo;)</footer>'
+               '(docs/operations.md)</footer>'
                % (_esc(info["name"] or "index"), _esc(info["type"] or "python")))
     return _page("TQServer", "\n".join(out))
 

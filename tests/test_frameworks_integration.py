@@ -1,6 +1,6 @@
 """Framework applications as their users write them, through the real twistd: each
 framework installed from its registry into the worker's own environment by the build step
-(Flask and FastAPI into workers/<name>/.venv, Hono into node_modules), mounted under a
+(Flask, Django and FastAPI into workers/<name>/.venv, Hono into node_modules), mounted under a
 prefix, with links, redirects and cookies right; the dev loop around them (startup
 errors on the page, crash loops in /health, hot reload across installs).
 
@@ -301,6 +301,142 @@ def app(environ, start_response):
 
 serve(app)
 """
+
+
+DJANGO_SETTINGS = """
+SECRET_KEY = "test-only"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+ROOT_URLCONF = "mysite.urls"
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.sessions"]
+MIDDLEWARE = [
+    "django.middleware.common.CommonMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+]
+SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+DATABASES = {}
+TEMPLATES = []
+USE_TZ = True
+"""
+
+DJANGO_URLS = """
+from django.http import HttpResponse
+from django.middleware.csrf import get_token
+from django.shortcuts import redirect
+from django.urls import path, reverse
+
+
+def home(request):
+    request.session["seen"] = request.session.get("seen", 0) + 1
+    return HttpResponse(
+        '<a href="%s">item</a> %s seen=%d'
+        % (reverse("item", args=[7]), request.build_absolute_uri(), request.session["seen"]))
+
+
+def item(request, n):
+    return HttpResponse("item %d at %s" % (n, request.path))
+
+
+def go(request):
+    return redirect("item", n=7)
+
+
+def form(request):
+    if request.method == "POST":
+        return redirect("item", n=int(request.POST["n"]))
+    return HttpResponse(
+        '<form method=post action="%s"><input name=csrfmiddlewaretoken value="%s"></form>'
+        % (reverse("form"), get_token(request)))
+
+
+urlpatterns = [
+    path("", home, name="home"),
+    path("items/<int:n>/", item, name="item"),
+    path("go/", go, name="go"),
+    path("form/", form, name="form"),
+]
+"""
+
+DJANGO_WSGI = """
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+application = get_wsgi_application()
+"""
+
+
+class DjangoTests(FrameworkBase):
+    """A Django project as `django-admin startproject` lays it out (mysite/settings.py,
+    urls.py, wsgi.py), Django from PyPI in the worker's venv, served at /shop with no
+    FORCE_SCRIPT_NAME: reverse(), redirects, APPEND_SLASH, build_absolute_uri and the
+    CSRF check (with a browser's Origin) all see the prefix and the public host."""
+
+    def test_django_project_under_a_prefix(self):
+        return d(self._django("mysite.wsgi:application"))
+
+    def test_django_on_asgi_under_a_prefix(self):
+        """The same project's asgi.py, on uvicorn (root_path=/shop)."""
+        return d(self._django("mysite.asgi:application"))
+
+    async def _django(self, app: str):
+        if shutil.which("python3") is None:
+            raise unittest.SkipTest("no python3 on PATH")
+        project = self.make_project()
+        project.write(
+            "workers/shop/config/worker.yaml",
+            f'type: python\npython:\n  app: "{app}"\n  interpreter: python3\n',
+        )
+        project.write("workers/shop/requirements.txt", "Django>=4.2,<6\n")
+        project.write("workers/shop/mysite/__init__.py", "")
+        project.write("workers/shop/mysite/settings.py", DJANGO_SETTINGS)
+        project.write("workers/shop/mysite/urls.py", DJANGO_URLS)
+        project.write("workers/shop/mysite/wsgi.py", DJANGO_WSGI)
+        project.write("workers/shop/mysite/asgi.py", DJANGO_WSGI.replace("wsgi", "asgi")
+                      .replace("get_wsgi_application", "get_asgi_application"))
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["shop"], timeout=400)
+        base = project.url + "/shop"
+
+        response, page = await client.get(base + "/")
+        self.assertEqual(response.code, 200, page)
+        self.assertIn(b'<a href="/shop/items/7/">', page)                  # reverse()
+        self.assertIn(f" {base}/ seen=1".encode(), page)                    # build_absolute_uri
+        session, attributes = cookie_of(response, "sessionid")
+        self.assertTrue(session)
+        response, page = await client.get(base + "/", {"Cookie": f"sessionid={session}"})
+        self.assertIn(b"seen=2", page)
+
+        response, _ = await client.get(base + "/go/")
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/shop/items/7/"]))
+        response, _ = await client.get(base + "/items/7")                   # APPEND_SLASH
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (301, ["/shop/items/7/"]))
+        response, body = await client.get(base + "/items/7/")   # (dev: + the reload script)
+        self.assertEqual((response.code, body[:24]), (200, b"item 7 at /shop/items/7/"))
+
+        response, page = await client.get(base + "/form/")
+        self.assertIn(b'action="/shop/form/"', page)
+        token = re.search(rb'value="([^"]+)"', page).group(1).decode()
+        csrf, _ = cookie_of(response, "csrftoken")
+        headers = {"Content-Type": "application/x-www-form-urlencoded",
+                   "Cookie": f"csrftoken={csrf}", "Origin": project.url,
+                   "Referer": base + "/form/"}
+        body = f"csrfmiddlewaretoken={token}&n=3".encode()
+        response, answer = await client.request(b"POST", base + "/form/", body, headers)
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/shop/items/3/"]), answer[:500])
+        forged = dict(headers, Origin="http://evil.example")
+        response, _ = await client.request(b"POST", base + "/form/", body, forged)
+        self.assertEqual(response.code, 403)                                # Django's own check
+
+        response, body = await client.get(base + "/health")  # Django 404s it: TQServer answers
+        self.assertEqual((response.code, body), (200, b"ok"))
+        self.assertEqual(await stop_twistd(proc), 0)
 
 
 class StartupFailureTests(FrameworkBase):

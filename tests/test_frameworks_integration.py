@@ -1,6 +1,6 @@
 """Framework applications as their users write them, through the real twistd: each
 framework installed from its registry into the worker's own environment by the build step
-(Flask, Django and FastAPI into workers/<name>/.venv, Hono into node_modules), mounted under a
+(Flask, Django and FastAPI into workers/<name>/.venv, Hono into node_modules, Ktor by Maven), mounted under a
 prefix, with links, redirects and cookies right; the dev loop around them (startup
 errors on the page, crash loops in /health, hot reload across installs).
 
@@ -436,6 +436,145 @@ class DjangoTests(FrameworkBase):
 
         response, body = await client.get(base + "/health")  # Django 404s it: TQServer answers
         self.assertEqual((response.code, body), (200, b"ok"))
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
+KTOR_POM = """<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0"
+         xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+         xsi:schemaLocation="http://maven.apache.org/POM/4.0.0 http://maven.apache.org/xsd/maven-4.0.0.xsd">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>example</groupId>
+  <artifactId>shop</artifactId>
+  <version>1.0</version>
+  <properties>
+    <kotlin.version>2.4.21</kotlin.version>
+    <kotlin.compiler.jvmTarget>17</kotlin.compiler.jvmTarget>
+    <project.build.sourceEncoding>UTF-8</project.build.sourceEncoding>
+  </properties>
+  <dependencyManagement>
+    <dependencies>
+      <dependency>
+        <groupId>io.ktor</groupId><artifactId>ktor-bom</artifactId><version>3.5.2</version>
+        <type>pom</type><scope>import</scope>
+      </dependency>
+    </dependencies>
+  </dependencyManagement>
+  <dependencies>
+    <dependency><groupId>io.ktor</groupId><artifactId>ktor-server-netty-jvm</artifactId></dependency>
+    <dependency><groupId>io.ktor</groupId><artifactId>ktor-server-core-jvm</artifactId></dependency>
+    <dependency><groupId>org.jetbrains.kotlin</groupId><artifactId>kotlin-stdlib</artifactId><version>${kotlin.version}</version></dependency>
+  </dependencies>
+  <build>
+    <sourceDirectory>src/main/kotlin</sourceDirectory>
+    <plugins>
+      <plugin>
+        <groupId>org.jetbrains.kotlin</groupId><artifactId>kotlin-maven-plugin</artifactId>
+        <version>${kotlin.version}</version>
+        <executions><execution><id>compile</id><goals><goal>compile</goal></goals></execution></executions>
+      </plugin>
+      <plugin>
+        <groupId>org.apache.maven.plugins</groupId><artifactId>maven-assembly-plugin</artifactId>
+        <version>3.8.0</version>
+        <configuration>
+          <descriptorRefs><descriptorRef>jar-with-dependencies</descriptorRef></descriptorRefs>
+          <archive><manifest><mainClass>shop.ApplicationKt</mainClass></manifest></archive>
+        </configuration>
+        <executions><execution><phase>package</phase><goals><goal>single</goal></goals></execution></executions>
+      </plugin>
+    </plugins>
+  </build>
+</project>
+"""
+
+KTOR_APP = """package shop
+
+import io.ktor.http.ContentType
+import io.ktor.server.application.call
+import io.ktor.server.engine.embeddedServer
+import io.ktor.server.netty.Netty
+import io.ktor.server.request.header
+import io.ktor.server.request.path
+import io.ktor.server.request.receiveText
+import io.ktor.server.response.respondRedirect
+import io.ktor.server.response.respondText
+import io.ktor.server.routing.get
+import io.ktor.server.routing.post
+import io.ktor.server.routing.route
+import io.ktor.server.routing.routing
+
+fun main() {
+    val port = System.getenv("WORKER_PORT").toInt()
+    embeddedServer(Netty, port = port, host = "127.0.0.1") {
+        routing {
+            route("/shop") {
+                get("/health") { call.respondText("ok") }
+                get("/") { call.respondText("ktor at ${call.request.path()}") }
+                get("/go") { call.respondRedirect("/shop/items/7") }
+                get("/items/{n}") {
+                    val host = call.request.header("Host")
+                    call.respondText("item ${call.parameters["n"]} host $host")
+                }
+                post("/echo") { call.respondText(call.receiveText(), ContentType.Text.Plain) }
+            }
+        }
+    }.start(wait = true)
+}
+"""
+
+
+
+class KtorTests(FrameworkBase):
+    """A Ktor service as Ktor users write it: a Maven project (pom.xml, src/main/kotlin),
+    Ktor and the Kotlin compiler from Maven Central, a fat jar from the assembly plugin.
+    Its routes under route("/shop") with strip_prefix: false; an edit is rebuilt by Maven
+    and swapped in while the old jar keeps serving."""
+
+    def setUp(self):
+        for tool in ("java", "mvn"):
+            if shutil.which(tool) is None:
+                raise unittest.SkipTest(f"{tool} is not installed (a JDK and Maven)")
+
+    def test_ktor_maven_project_under_a_prefix_and_hot_reload(self):
+        return d(self._ktor())
+
+    async def _ktor(self):
+        project = self.make_project(startup_timeout_ms=60000)
+        project.write("workers/shop/config/worker.yaml",
+                      "type: kotlin\nstrip_prefix: false\nhealth_path: /shop/health\n")
+        project.write("workers/shop/pom.xml", KTOR_POM)
+        source = project.write("workers/shop/src/main/kotlin/shop/Application.kt", KTOR_APP)
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["shop"], timeout=500)
+        base = project.url + "/shop"
+
+        response, body = await client.get(base + "/")
+        self.assertEqual((response.code, body[:16]), (200, b"ktor at /shop/"))
+        response, _ = await client.get(base + "/go")
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/shop/items/7"]))
+        response, body = await client.get(base + "/items/7")
+        self.assertEqual(body, f"item 7 host 127.0.0.1:{project.port}".encode())
+        upload = b"k" * (1 << 20)
+        response, body = await client.request(b"POST", base + "/echo", upload,
+                                               {"Content-Type": "text/plain"})
+        self.assertEqual((response.code, len(body)), (200, len(upload)))
+
+        with open(source) as f:
+            text = f.read()
+        with open(source, "w") as f:
+            f.write(text.replace('"ktor at ', '"ktor v2 at '))
+
+        codes = []
+
+        async def new_code():
+            response, body = await client.get(base + "/")
+            codes.append(response.code)
+            return body.startswith(b"ktor v2 at /shop/")
+        await wait_until(new_code, 300, "the edited Ktor app", proc)
+        self.assertEqual(set(codes), {200})   # the old jar served while Maven built
+        self.assertEqual(proc.text.count("built shop in"), 2)
         self.assertEqual(await stop_twistd(proc), 0)
 
 

@@ -791,6 +791,105 @@ echo isset($_SESSION['user']) ? "logged in as {$_SESSION['user']}" : 'login plea
 """
 
 
+SYMFONY_PHP = r"""<?php
+// A front controller on Symfony's HttpFoundation and Routing (Debian's packages), the
+// request layer Symfony and Laravel apps are built on.
+require "/usr/share/php/Symfony/Component/HttpFoundation/autoload.php";
+require "/usr/share/php/Symfony/Component/Routing/autoload.php";
+
+use Symfony\Component\HttpFoundation\Cookie;
+use Symfony\Component\HttpFoundation\RedirectResponse;
+use Symfony\Component\HttpFoundation\Request;
+use Symfony\Component\HttpFoundation\Response;
+use Symfony\Component\Routing\Exception\ResourceNotFoundException;
+use Symfony\Component\Routing\Generator\UrlGenerator;
+use Symfony\Component\Routing\Matcher\UrlMatcher;
+use Symfony\Component\Routing\RequestContext;
+use Symfony\Component\Routing\Route;
+use Symfony\Component\Routing\RouteCollection;
+
+$request = Request::createFromGlobals();
+$routes = new RouteCollection();
+$routes->add("home", new Route("/"));
+$routes->add("item", new Route("/items/{n}", [], ["n" => "\d+"]));
+$routes->add("go", new Route("/go"));
+$routes->add("form", new Route("/form", [], [], [], "", [], ["POST"]));
+$context = (new RequestContext())->fromRequest($request);
+$urls = new UrlGenerator($routes, $context);
+try {
+    $route = (new UrlMatcher($routes, $context))->match($request->getPathInfo());
+} catch (ResourceNotFoundException $e) {
+    (new Response("no route for " . $request->getPathInfo(), 404))->send();
+    exit;
+}
+switch ($route["_route"]) {
+case "home":
+    $response = new Response(sprintf("base=%s path=%s item=%s abs=%s uri=%s",
+        $request->getBaseUrl(), $request->getPathInfo(), $urls->generate("item", ["n" => 7]),
+        $urls->generate("item", ["n" => 7], UrlGenerator::ABSOLUTE_URL), $request->getUri()));
+    break;
+case "go":
+    $response = new RedirectResponse($urls->generate("item", ["n" => 7]));
+    break;
+case "item":
+    $response = new Response("item " . $route["n"] . " at " . $request->getPathInfo());
+    break;
+case "form":
+    $response = new RedirectResponse($urls->generate("item", ["n" => (int) $request->request->get("n")]));
+    $response->headers->setCookie(Cookie::create("seen", "yes", 0, $request->getBasePath() . "/"));
+    break;
+}
+$response->headers->set("Content-Type", "text/plain");
+$response->send();
+"""
+
+SYMFONY_AUTOLOAD = "/usr/share/php/Symfony/Component/HttpFoundation/autoload.php"
+
+
+class SymfonyTests(FrameworkBase):
+    """Symfony's HttpFoundation and Routing (Debian's php-symfony-* packages; Laravel's
+    Illuminate\\Http\\Request is a Symfony Request) behind php-fpm at /shop, with no base
+    URL configured: getBaseUrl, the generated paths and absolute URLs, redirects and a
+    cookie scoped to the base path all carry the prefix once."""
+
+    def setUp(self):
+        from .php_support import require_php_fpm
+
+        require_php_fpm()
+        if not os.path.exists(SYMFONY_AUTOLOAD):
+            raise unittest.SkipTest("php-symfony-http-foundation and php-symfony-routing "
+                                    "(bin/install-toolchains --only php)")
+
+    def test_symfony_front_controller_under_a_prefix(self):
+        return d(self._symfony())
+
+    async def _symfony(self):
+        project = self.make_project()
+        project.write("workers/shop/public/index.php", SYMFONY_PHP)
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["shop"])
+        base = project.url + "/shop"
+
+        response, body = await client.get(base + "/")
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual(body.decode(), f"base=/shop path=/ item=/shop/items/7 "
+                         f"abs={base}/items/7 uri={base}/")
+        response, body = await client.get(base + "/items/7")
+        self.assertEqual((response.code, body), (200, b"item 7 at /items/7"))
+        response, _ = await client.get(base + "/go")
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/shop/items/7"]))
+        response, _ = await client.request(b"POST", base + "/form", b"n=3",
+                                           {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/shop/items/3"]))
+        self.assertEqual(cookie_of(response, "seen")[1].get("path"), "/shop/")
+        response, body = await client.get(base + "/nothing/here")
+        self.assertEqual((response.code, body), (404, b"no route for /nothing/here"))
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
 class PhpPrefixTests(FrameworkBase):
     def setUp(self):
         from .php_support import require_php_fpm

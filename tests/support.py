@@ -18,6 +18,16 @@ from twisted.web.http_headers import Headers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def short_dir(testcase) -> str:
+    """A directory short enough to hold Unix sockets (their path has at most 107 bytes;
+    trial's temporary directories are deeper): a project root with the default
+    run/tqserver-admin.sock, an HAProxy stats socket. Removed by the test's cleanup."""
+    import tempfile
+    path = tempfile.mkdtemp(prefix="tqs-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,8 +5,6 @@ nodes serve the new version."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 
 from twisted.internet import defer, reactor
@@ -15,7 +13,15 @@ from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from .deploy_support import Node, body_of, py_app, release_of, run_deploy, source_project
 from .haproxy_support import require_haproxy, start_haproxy
-from .support import Client, free_port, kill_leftovers, sleep, stop_twistd, wait_until
+from .support import (
+    Client,
+    free_port,
+    kill_leftovers,
+    short_dir,
+    sleep,
+    stop_twistd,
+    wait_until,
+)
 
 HAPROXY_CFG = """global
     stats socket {socket} mode 600 level admin
@@ -87,8 +93,7 @@ class RollingDeployTests(unittest.TestCase):
         base = os.path.abspath(self.mktemp())
         source = source_project(os.path.join(base, "project"))
         nodes = [Node(os.path.join(base, f"node{i}")) for i in (1, 2)]
-        short = tempfile.mkdtemp(prefix="tqs-lb-")  # a Unix socket path has ~100 bytes at most
-        self.addCleanup(shutil.rmtree, short, True)
+        short = short_dir(self)
         socket_path = os.path.join(short, "haproxy.sock")
         lb_port = free_port()
         source.write("etc/deployment.yaml", "targets:\n"

@@ -6,8 +6,6 @@ admin.public the public port serves the control plane to the token only."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -18,6 +16,7 @@ from .support import (
     Project,
     free_port,
     kill_leftovers,
+    short_dir,
     spawn_twistd,
     stop_twistd,
     wait_until,
@@ -86,16 +85,11 @@ class ControlPlaneBehindHAProxyTests(unittest.TestCase):
             raise AssertionError(f"{e}\n{lb.output}") from None
         return project, client, front, proc
 
-    def short_dir(self) -> str:
-        path = tempfile.mkdtemp(prefix="tqs-adm-")  # a Unix socket path has ~100 bytes at most
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
-
     def test_public_port_hides_the_control_plane_and_the_socket_serves_it(self):
         return defer.ensureDeferred(self._hidden())
 
     async def _hidden(self):
-        sock = os.path.join(self.short_dir(), "admin.sock")
+        sock = os.path.join(short_dir(self), "admin.sock")
         project, client, front, proc = await self.serve(f"admin:\n  listen: unix:{sock}\n")
         for method, path in [(b"GET", "/_tqserver/api/status"), (b"GET", "/_tqserver/"),
                              (b"POST", "/_tqserver/api/reload"),
@@ -155,8 +149,8 @@ class ControlPlaneBehindHAProxyTests(unittest.TestCase):
         return defer.ensureDeferred(self._token())
 
     async def _token(self):
-        sock = os.path.join(self.short_dir(), "admin.sock")
-        token_file = os.path.join(self.short_dir(), "token")
+        sock = os.path.join(short_dir(self), "admin.sock")
+        token_file = os.path.join(short_dir(self), "token")
         with open(token_file, "w") as f:
             f.write(TOKEN + "\n")
         project, client, front, proc = await self.serve(

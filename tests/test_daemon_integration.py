@@ -1,4 +1,5 @@
-"""The documented daemon command on a fresh project (no run/, no logs/: twistd failed
+"""The documented commands on a fresh project: the foreground one with the control plane
+on its default socket (no run/ yet), the daemon one (no run/, no logs/: twistd failed
 writing run/tqserver.pid and pointed at a logs/twistd.log nobody wrote), and the open files
 limit raised from a lowered soft limit (it stayed at 1024)."""
 from __future__ import annotations
@@ -6,13 +7,53 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import sys
 
+from twisted.internet import utils
 from twisted.trial import unittest
 
-from .support import Client
+from .support import REPO, Client, Project, kill_leftovers, short_dir, stop_twistd, wait_until
 from .test_integration import PY_WORKER, IntegrationBase, d
 
 PRLIMIT = shutil.which("prlimit")
+
+
+class FreshForegroundTests(IntegrationBase):
+    """`twistd -n tqserver` (the README's command, and bin/example's) on a fresh clone:
+    no run/, the control plane on its default Unix socket under it. (It died with a
+    traceback: the socket was listened on before run/ was made.)"""
+
+    def test_foreground_on_a_fresh_project_with_the_default_control_plane(self):
+        return d(self._fresh())
+
+    async def _fresh(self):
+        root = short_dir(self)
+        project = Project(root)
+        self.addCleanup(kill_leftovers, root)
+        project.write("workers/app/src/main.py", PY_WORKER)
+        config = os.path.join(project.root, "etc", "server.yaml")
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:  # the default admin.listen: unix:run/tqserver-admin.sock
+            f.write(text[:text.index("admin:")])
+        self.assertFalse(os.path.exists(os.path.join(project.root, "run")))
+        proc = self.start(project, make_dirs=False)
+        client = Client(self)
+
+        async def healthy():
+            _, body = await client.get_json(project.url + "/health")
+            return body["status"] == "healthy"
+        await wait_until(healthy, 60, "the server healthy", proc)
+        sock = os.path.join(project.root, "run", "tqserver-admin.sock")
+        admin = Client(self, unix_socket=sock)
+        code, status = await admin.get_json("http://localhost/_tqserver/api/status")
+        self.assertEqual((code, sorted(status["workers"])), (200, ["app"]))
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "tqserver.cli", "status", "--root", project.root],
+            env=dict(os.environ, PYTHONPATH=REPO))
+        self.assertEqual(code, 0, err.decode())
+        self.assertIn(b"app", out)
+        self.assertEqual(await stop_twistd(proc), 0)
 
 
 class FreshDaemonTests(IntegrationBase):

@@ -12,6 +12,8 @@ from twisted.trial import unittest
 
 from tqserver.tap import Options, makeService
 
+from .support import short_dir
+
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "docs", "architecture.md")
 CONDITIONS = {"dev", "one process", "proxy processes", "at start"}
@@ -81,7 +83,7 @@ def actual(service, depth: int = 0) -> list[tuple[int, str | None, str]]:
 
 class ServiceTreeTests(unittest.TestCase):
     def build(self, mode: str, processes: int):
-        root = os.path.abspath(self.mktemp())
+        root = short_dir(self)  # (the default control-plane socket is under it)
         os.makedirs(os.path.join(root, "etc"))
         os.makedirs(os.path.join(root, "workers"))
         with open(os.path.join(root, "etc", "server.yaml"), "w") as f:
@@ -125,7 +127,7 @@ class ServiceTreeTests(unittest.TestCase):
 
 class WiringTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.root = os.path.abspath(self.mktemp())
+        self.root = short_dir(self)
         os.makedirs(os.path.join(self.root, "etc"))
         self.config = os.path.join(self.root, "etc", "server.yaml")
         with open(self.config, "w") as f:

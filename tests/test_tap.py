@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from tqserver.tap import Options, _listen_problem, _public_url, tcp_address
 
-from .support import listening_port
+from .support import listening_port, short_dir
 
 
 class TcpAddressTests(unittest.TestCase):
@@ -32,7 +32,7 @@ class TcpAddressTests(unittest.TestCase):
 
 class OptionsTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.root = os.path.abspath(self.mktemp())
+        self.root = short_dir(self)
         os.makedirs(os.path.join(self.root, "etc"))
         self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "TQSERVER_MODE"})
 
@@ -110,6 +110,17 @@ class OptionsTests(unittest.TestCase):
             f.write('admin:\n  token: "s3cret"\n')
         self.assertEqual(self.parse("--admin-listen", "tcp:0")["server_config"].admin.listen,
                          "tcp:0")
+
+    def test_a_socket_path_too_long_for_the_kernel_is_named(self) -> None:
+        deep = "d" * 120
+        with self.assertRaises(SystemExit) as ctx:
+            self.parse("--admin-listen", f"unix:run/{deep}/admin.sock")
+        message = str(ctx.exception.code)
+        self.assertIn(f"--admin-listen: the socket path {self.root}/run/{deep}/admin.sock is",
+                      message)
+        self.assertIn("more than a Unix socket allows (107)", message)
+        self.assertEqual(self.parse("--admin-listen", "unix:run/admin.sock")["server_config"]
+                         .admin.listen, "unix:run/admin.sock")
 
     def test_admin_listen_on_a_taken_port_is_named(self) -> None:
         port = listening_port(self)

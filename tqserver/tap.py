@@ -22,7 +22,7 @@ from tqserver.config.server import (
     read_admin_token,
     unguarded_admin_listener,
 )
-from tqserver.control.admin import AdminFront, AdminToken
+from tqserver.control.admin import AdminFront, AdminToken, endpoint_description, socket_path
 from tqserver.control.events import EventHub
 from tqserver.control.live import LiveStatus
 from tqserver.control.live_api import LiveAPI
@@ -126,7 +126,7 @@ class Options(usage.Options):
                 self["server_config"], self["admin-listen"].strip()
             )
         admin_listen = self["server_config"].admin.listen
-        problem = _listen_problem(admin_listen)
+        problem = _listen_problem(admin_listen, self["root"])
         if problem:
             where = "--admin-listen" if self["admin-listen"] is not None else "admin.listen"
             raise fatal(f"{where}: {problem}")
@@ -228,8 +228,22 @@ def tcp_address(description: str) -> tuple[str, int | None] | None:
         return host, None
 
 
-def _listen_problem(description: str) -> str | None:
-    """A clear sentence when a TCP endpoint cannot be bound now (port taken, bad address)."""
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its NUL) on Linux
+
+
+def _listen_problem(description: str, root: str = "") -> str | None:
+    """A clear sentence when an endpoint cannot be listened on now: a TCP port taken or a
+    bad address; a Unix socket path (relative ones under ``root``) the kernel refuses."""
+    path = socket_path(endpoint_description(description, root or os.getcwd()))
+    if path is not None:
+        size = len(os.fsencode(path))
+        if size <= UNIX_PATH_MAX:
+            return None
+        return (
+            f"the socket path {path} is {size} bytes, more than a Unix socket allows "
+            f"({UNIX_PATH_MAX}): give a shorter one (unix:/run/tqserver/admin.sock) or a "
+            "loopback port (tcp:8081:interface=127.0.0.1)"
+        )
     address = tcp_address(description)
     if address is None:
         return None

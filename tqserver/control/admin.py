@@ -154,10 +154,14 @@ class AdminFront(MultiService):
         events = self.config.admin.path.rstrip("/") + "/events"
         return live_reload_snippet(worker, events, config_error)
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
+        # twistd listens here, before startService: a fresh clone has no run/ yet.
         path = socket_path(self.description)
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+        MultiService.privilegedStartService(self)
+
+    def startService(self) -> None:
         MultiService.startService(self)
         log.info("control plane listening on {listen}", listen=self.listen)
 

@@ -702,6 +702,68 @@ serve(app)
 """
 
 
+EXPRESS_APP = """
+const express = require("express");
+
+// As Express apps run behind a proxy that strips the prefix: routes at /, links and
+// redirects built from X-Forwarded-Prefix, the client's scheme and host trusted from it.
+const app = express();
+app.set("trust proxy", "loopback");
+app.use(express.json());
+const prefix = (req) => req.get("X-Forwarded-Prefix") || "";
+app.get("/health", (req, res) => res.send("ok"));
+app.get("/", (req, res) =>
+  res.type("text/plain").send(`express at ${req.path} ${prefix(req)} ${req.protocol}://${req.hostname} ${req.ip}`));
+app.get("/items/:id", (req, res) => res.json({ id: req.params.id }));
+app.post("/items", (req, res) => res.status(201).json({ got: req.body }));
+app.get("/old", (req, res) => res.redirect(`${prefix(req)}/items/1`));
+app.use(`/static`, express.static(__dirname + "/assets"));
+app.listen(Number(process.env.PORT), "127.0.0.1");
+"""
+
+
+class ExpressTests(FrameworkBase):
+    """Express from npm on Bun's node:http, behind the prefix TQServer strips: the
+    X-Forwarded-* headers it sets are the ones Express's `trust proxy` reads, a JSON body
+    and express.static work through the proxy."""
+
+    def setUp(self):
+        from .test_polyglot_integration import require_bun
+
+        require_bun()
+
+    def test_express_under_a_stripped_prefix(self):
+        return d(self._express())
+
+    async def _express(self):
+        project = self.make_project()
+        project.write("workers/shop/package.json", json.dumps(
+            {"name": "shop", "private": True, "main": "server.js",
+             "dependencies": {"express": "^4.21.0"}}))
+        project.write("workers/shop/config/worker.yaml", "type: bun\nbun:\n  entrypoint: server.js\n")
+        project.write("workers/shop/server.js", EXPRESS_APP)
+        project.write("workers/shop/assets/logo.txt", "a logo\n")
+        proc = self.start(project)
+        client = Client(self)
+        await self.wait_healthy(client, project, proc, ["shop"], timeout=400)
+        base = project.url + "/shop"
+
+        response, body = await client.get(base + "/")
+        self.assertEqual((response.code, body),
+                         (200, b"express at / /shop http://127.0.0.1 127.0.0.1"))
+        response, body = await client.get(base + "/items/42")
+        self.assertEqual(json.loads(body), {"id": "42"})
+        response, body = await client.request(
+            b"POST", base + "/items", b'{"a": [1, 2]}', {"Content-Type": "application/json"})
+        self.assertEqual((response.code, json.loads(body)), (201, {"got": {"a": [1, 2]}}))
+        response, _ = await client.get(base + "/old")
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")),
+                         (302, ["/shop/items/1"]))
+        response, body = await client.get(base + "/static/logo.txt")
+        self.assertEqual((response.code, body), (200, b"a logo\n"))
+        self.assertEqual(await stop_twistd(proc), 0)
+
+
 class HonoTests(FrameworkBase):
     """Hono on Bun, installed by `bun install` at start and again while the server runs;
     hot reload keeps working for every worker afterwards (the watcher never descends into

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 
-from .haproxy_support import require_haproxy, start_haproxy
+from .front_proxies import require_haproxy, start_haproxy
 from .support import Client, free_port, sleep, wait_until
 from .test_integration import IntegrationBase, d
 

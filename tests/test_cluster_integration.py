@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from .deploy_support import Node, body_of, py_app, release_of, run_deploy, source_project
-from .haproxy_support import require_haproxy, start_haproxy
+from .front_proxies import require_haproxy, start_haproxy
 from .support import (
     Client,
     free_port,

@@ -10,7 +10,7 @@ import os
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from .haproxy_support import require_haproxy, start_haproxy
+from .front_proxies import require_haproxy, start_haproxy
 from .support import (
     Client,
     Project,

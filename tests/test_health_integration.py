@@ -9,7 +9,7 @@ import shutil
 from twisted.internet import defer, protocol, reactor, utils
 from twisted.trial import unittest
 
-from .haproxy_support import require_haproxy, start_haproxy
+from .front_proxies import require_haproxy, start_haproxy
 from .support import (
     Client,
     Project,

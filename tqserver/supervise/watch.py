@@ -108,9 +108,15 @@ def _owner(path: str, worker_dirs: dict[str, str]) -> tuple[str | None, list[str
     return best, ([] if rel == "." else rel.split(os.sep))
 
 
+# A stream of changes that never pauses (a tool rewriting files in a loop, a HUP sent
+# every few milliseconds) is still handed over this long after its first change.
+MAX_WAIT_SECONDS = 1.0
+
+
 class Debouncer:
     """Collects changes and hands them over once none arrived for ``delay`` seconds, so an
-    editor's burst of events (temp file, rename, chmod) becomes one batch."""
+    editor's burst of events (temp file, rename, chmod) becomes one batch; but never
+    later than MAX_WAIT_SECONDS (or ``delay``, if longer) after the first."""
 
     def __init__(
         self, clock, delay: Callable[[], float], flush: Callable[[set[Change]], None]
@@ -120,13 +126,17 @@ class Debouncer:
         self.flush = flush
         self.pending: set[Change] = set()
         self._call = None
+        self._first = 0.0  # when the pending batch began
 
     def add(self, change: Change) -> None:
         self.pending.add(change)
+        delay = self.delay()
         if self._call is not None and self._call.active():
-            self._call.reset(self.delay())
+            deadline = self._first + max(MAX_WAIT_SECONDS, delay)
+            self._call.reset(max(0.0, min(delay, deadline - self.clock.seconds())))
         else:
-            self._call = self.clock.callLater(self.delay(), self._fire)
+            self._first = self.clock.seconds()
+            self._call = self.clock.callLater(delay, self._fire)
 
     def _fire(self) -> None:
         self._call = None

@@ -102,6 +102,10 @@ class StartTests(PoolTestBase):
         self.assertTrue(self.pool.crash_loop)
         self.assertEqual(self.pool.status, "failed")            # (retried after a backoff)
         self.assertEqual(self.pool.describe()["restarts"], {"start": 5})
+        while len(self.reactor.spawned) == 5:                   # its next try starts...
+            self.reactor.advance(0.05)
+        self.assertTrue(self.pool.deploying)
+        self.assertEqual(self.pool.status, "failed")            # ...still failed
 
     def test_wait_serving_holds_until_ready(self) -> None:
         self.pool.startService()

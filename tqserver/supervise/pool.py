@@ -203,7 +203,8 @@ class WorkerPool(Rotation, Service):
         if not self.running:
             return "stopped"
         if not self.serving:
-            if self.deploying or (self._restart_call is not None and not self.crash_loop):
+            # (a crash loop is failed, also while its next try starts)
+            if not self.crash_loop and (self.deploying or self._restart_call is not None):
                 return "starting"
             return "failed"
         if (

@@ -318,8 +318,8 @@ class WorkerPool(Rotation, Service):
         Fires with True when new instances took over."""
         if self.deploying:
             if build and self._builds_the_same():
-                # (a HUP storm, a second save of nothing new): joining the build in flight
-                # rather than restarting it lets it ever finish.
+                # A HUP storm, or a save that changed nothing: join the build in flight.
+                # (Restarted by every such request, it might never finish.)
                 joined: defer.Deferred = defer.Deferred()
                 self._joined.append(joined)
                 return joined

@@ -151,7 +151,7 @@ class PublicPortTests(unittest.TestCase):
         config = config or default_server_config()
         supervisor = SimpleNamespace(state=SimpleNamespace(config=config, mode=mode),
                                      config=config, pools={"app": Pool()}, revision="r7",
-                                     running=True)
+                                     running=True, draining=False)
         metrics = SimpleNamespace(render=lambda pools: b"tqserver_up 1\n")
         return Reserved(supervisor, metrics, None, None)
 

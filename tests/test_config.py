@@ -41,9 +41,9 @@ class ServerDefaultsTests(unittest.TestCase):
         self.assertEqual(
             (s.port, s.host, s.read_timeout_seconds, s.write_timeout_seconds,
              s.idle_timeout_seconds, s.log_file, s.access_log, s.max_body_bytes,
-             s.trusted_proxies, s.proxy_processes),
+             s.trusted_proxies, s.proxy_processes, s.shutdown_delay_seconds),
             (8080, "0.0.0.0", 30, 30, 120, "logs/tqserver_{date}.log", True,
-             104857600, (), 1))
+             104857600, (), 1, 0))
 
     def test_workers(self):
         w = default_server_config().workers

@@ -413,6 +413,7 @@ class FakeSupervisor:
         self.pools: dict = {}
         self.revision = "r1"
         self.running = True
+        self.draining = False
 
     @property
     def config(self):

@@ -171,6 +171,34 @@ class DrainingTests(HealthBase):
         self.assertEqual(await stop_twistd(proc), 0)
 
 
+class ShutdownDelayTests(HealthBase):
+    def test_not_ready_but_serving_for_the_delay_then_stopped(self):
+        return d(self._delay())
+
+    async def _delay(self):
+        project = self.project(server="  shutdown_delay_seconds: 1.5\n")
+        os.remove(os.path.join(project.root, "workers", "broken", "requirements.txt"))
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+
+        async def ready():
+            response, _ = await client.get(project.url + "/health/ready")
+            return response.code == 200
+        await wait_until(ready, 60, "/health/ready 200", proc)
+        proc.transport.signalProcess("TERM")
+        await sleep(0.3)
+        # New connections still get through: not ready, yet serving.
+        code, body = await client.get_json(project.url + "/health/ready")
+        self.assertEqual((code, body["status"]), (503, "draining"))
+        response, body = await client.get(project.url + "/good/x")
+        self.assertEqual((response.code, body), (200, b"python /x /good"))
+        self.assertFalse(proc.done)
+        self.assertEqual(await stop_twistd(proc), 0)      # then it stops, cleanly
+        self.assertIn("serving on for 1.5 s (server.shutdown_delay_seconds)", proc.text)
+        self.assertIn("SIGTERM again: stopping now", proc.text)   # stop_twistd's SIGTERM
+        self.assertNotIn("Traceback", proc.text)
+
+
 class HealthContractTests(HealthBase):
     async def code(self, client: Client, url: str) -> int:
         response, _ = await client.get(url)

@@ -152,3 +152,54 @@ class WiringTests(unittest.TestCase):
             f.write("server:\n  idle_timeout_seconds: 7\n")
         self.supervisor.reload_config()
         self.assertEqual(site.buildProtocol(None).timeOut, 7)
+
+
+class ShutdownDelayTests(unittest.TestCase):
+    """server.shutdown_delay_seconds: after SIGTERM the node is not ready but everything
+    keeps running that long, then the tree stops as before."""
+
+    def tree(self, delay: float):
+        from types import SimpleNamespace
+
+        from twisted.application.service import Service
+
+        from tqserver.tap import TQServer
+
+        clock = Clock()
+        top = TQServer(observer=None, reactor=clock)
+        top.supervisor = SimpleNamespace(  # what the root reads of the Supervisor
+            draining=False,
+            config=SimpleNamespace(server=SimpleNamespace(shutdown_delay_seconds=delay)))
+        child = Service()
+        child.setServiceParent(top)
+        top.startService()
+        return clock, top, child
+
+    def test_not_ready_and_serving_for_the_delay_then_stopped(self) -> None:
+        clock, top, child = self.tree(2.0)
+        stopped = top.stopService()
+        self.assertTrue(top.supervisor.draining)       # /health/ready: 503 draining
+        self.assertTrue(child.running)                 # the ports still listen
+        self.assertFalse(stopped.called)
+        clock.advance(1.9)
+        self.assertTrue(child.running)
+        clock.advance(0.1)
+        self.assertFalse(child.running)
+        self.assertTrue(stopped.called)
+
+    def test_a_second_sigterm_cuts_the_delay_short(self) -> None:
+        clock, top, child = self.tree(30.0)
+        stopped = top.stopService()
+        self.assertTrue(child.running)
+        top._signalled_again("SIGTERM")            # (what the taken-over handler calls)
+        self.assertFalse(child.running)
+        self.assertTrue(stopped.called)
+        top._signalled_again("SIGTERM")            # a third: already stopping, nothing breaks
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_delay_stops_at_once(self) -> None:
+        clock, top, child = self.tree(0.0)
+        stopped = top.stopService()
+        self.assertFalse(child.running)
+        self.assertTrue(stopped.called)
+        self.assertTrue(top.supervisor.draining)

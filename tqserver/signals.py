@@ -33,3 +33,15 @@ class SignalService(Service):
 
     def received(self) -> None:
         raise NotImplementedError
+
+
+def take_over(reactor, signums, call) -> None:
+    """From now on ``signums`` call ``call(name)`` on the reactor thread instead of their
+    handler. (Once shutdown began, twistd's own would stop the reactor a second time and
+    log a traceback.)"""
+
+    def handler(signum, frame) -> None:
+        reactor.callFromThread(call, signal.Signals(signum).name)
+
+    for signum in signums:
+        signal.signal(signum, handler)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
 
 import attrs
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
@@ -42,6 +44,7 @@ from tqserver.proxy.access_log import AccessLog
 from tqserver.proxy.front import Front
 from tqserver.proxy.site import ProxySite
 from tqserver.proxy.state import ProxyState
+from tqserver.signals import take_over
 from tqserver.supervise.proctree import ProcTable
 from tqserver.supervise.supervisor import Supervisor
 from tqserver.supervise.watch import DevWatcher, HangupReload
@@ -290,6 +293,10 @@ class TQServer(MultiService):
         MultiService.__init__(self)
         self.observer = observer
         self.reactor = reactor
+        self.supervisor: Supervisor | None = None  # (set once made: the delay reads it)
+        self.owns_signals = False  # under twistd (the global reactor): SIGTERM again, below
+        self._delay = None  # the server.shutdown_delay_seconds call, while it waits
+        self._stopping: defer.Deferred | None = None
 
     def setServiceParent(self, parent) -> None:
         MultiService.setServiceParent(self, parent)
@@ -298,6 +305,43 @@ class TQServer(MultiService):
             set_component(ILogObserver, self.observer)
 
     def stopService(self):
+        """Stop everything; with server.shutdown_delay_seconds, first be not ready (and
+        serve on) that long. Every child stops at once, so the delay is the root's. A
+        second SIGTERM or SIGINT cuts the delay short."""
+        if self.owns_signals:
+            take_over(self.reactor, (signal.SIGTERM, signal.SIGINT), self._signalled_again)
+        supervisor = self.supervisor
+        delay = supervisor.config.server.shutdown_delay_seconds if supervisor else 0.0
+        if delay <= 0 or supervisor is None or supervisor.draining:
+            return self._stop_now()
+        supervisor.draining = True
+        log.info(
+            "shutting down: not ready (/health/ready 503) and serving on for {delay} s "
+            "(server.shutdown_delay_seconds)",
+            delay=delay,
+        )
+        self._stopping = defer.Deferred()
+        self._delay = self.reactor.callLater(delay, self._end_delay)
+        return self._stopping
+
+    def _end_delay(self) -> None:
+        self._delay = None
+        stopping, self._stopping = self._stopping, None
+        d = self._stop_now()
+        if stopping is not None:
+            d.chainDeferred(stopping)
+
+    def _signalled_again(self, name: str) -> None:
+        if self._delay is not None and self._delay.active():
+            log.info("{signal} again: stopping now", signal=name)
+            self._delay.cancel()
+            self._end_delay()
+        else:
+            log.info("{signal} again: already stopping (the workers drain)", signal=name)
+
+    def _stop_now(self) -> defer.Deferred:
+        if self.supervisor is not None:
+            self.supervisor.draining = True
         d = MultiService.stopService(self)
         d.addBoth(self._stopped)
         return d
@@ -312,6 +356,7 @@ class TQServer(MultiService):
 
 def makeService(options: Options, reactor=None) -> TQServer:
     """The service tree for ``options``, on ``reactor`` (the global one by default)."""
+    owns_signals = reactor is None  # twistd's: the process's own signals
     if reactor is None:
         from twisted.internet import reactor
     root = options["root"]
@@ -325,6 +370,7 @@ def makeService(options: Options, reactor=None) -> TQServer:
 
     observer = ServerLogObserver(quiet=options["quiet"], file_template=server_log(config))
     top = TQServer(observer, reactor)
+    top.owns_signals = owns_signals
     for warning in options["warnings"]:
         log.warn("{warning}", warning=str(warning))
 
@@ -360,6 +406,7 @@ def makeService(options: Options, reactor=None) -> TQServer:
         procs=ProcTable(),
     )
     supervisor.setServiceParent(top)
+    top.supervisor = supervisor
     events.setServiceParent(top)
     windows.setServiceParent(top)
     stream.setServiceParent(top)

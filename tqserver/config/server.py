@@ -127,6 +127,9 @@ class ServerSection:
     max_body_bytes: int = _f(104857600, _size)
     trusted_proxies: tuple[str, ...] = _f((), _addresses)  # addresses or CIDR networks
     proxy_processes: int | str = _f(1, _proxy_processes)
+    # After SIGTERM, this long not ready (/health/ready 503) but still serving, so that a
+    # load balancer checking readiness takes the node out before its ports close.
+    shutdown_delay_seconds: float = _f(0.0, _float())
 
 
 @attrs.frozen

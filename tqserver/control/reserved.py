@@ -111,8 +111,9 @@ class Reserved(ReservedPaths):
         elif sub == b"live":
             status, body = health.live()
         elif sub == b"ready":
-            # draining: stopService started (SIGTERM), the workers are being stopped
-            status, body = health.ready(pools.values(), draining=not self.supervisor.running)
+            # draining: shutdown began (SIGTERM): the delay before the stop, or the stop
+            sup = self.supervisor
+            status, body = health.ready(pools.values(), draining=sup.draining or not sup.running)
         else:
             # /health/worker/<name> reaches any worker, those named live, ready or worker too
             if sub.startswith(b"worker/"):

@@ -71,6 +71,7 @@ class Supervisor(MultiService):
         self.config_listeners = tuple(config_listeners)
         self.pools: dict[str, WorkerPool] = {}
         self.config_errors: list[Exception] = []
+        self.draining = False  # shutdown began (server.shutdown_delay_seconds, then the stop)
         w = state.config.workers
         self.ports = PortPool(w.port_range_start, w.port_range_end)
         # /proc, where instances' processes are tracked (None: only their process groups,

@@ -48,6 +48,11 @@ def live() -> tuple[int, dict]:
     return 200, {"status": "live"}
 
 
+def shutting_down(supervisor) -> bool:
+    """Shutdown began: the server.shutdown_delay_seconds pause, or the stop itself."""
+    return supervisor.draining or not supervisor.running
+
+
 def ready(pools: Iterable, draining: bool) -> tuple[int, dict]:
     """GET /health/ready: 503 while draining for shutdown, and until every worker (there is
     at least one) has passed its first healthy probe; 200 from then on, whatever happens to

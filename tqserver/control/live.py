@@ -90,7 +90,7 @@ class LiveStatus:
             "revision": sup.revision,
             "workers": workers,
             # /health/ready's answer: ready | starting | draining | no workers, and who
-            "ready": health.ready(sup.pools.values(), draining=sup.draining or not sup.running)[1],
+            "ready": health.ready(sup.pools.values(), draining=health.shutting_down(sup))[1],
             "config_errors": [str(e) for e in sup.config_errors],
             "watcher": None if self.watcher is None else self.watcher.describe(),
         }

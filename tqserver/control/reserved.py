@@ -111,9 +111,8 @@ class Reserved(ReservedPaths):
         elif sub == b"live":
             status, body = health.live()
         elif sub == b"ready":
-            # draining: shutdown began (SIGTERM): the delay before the stop, or the stop
-            sup = self.supervisor
-            status, body = health.ready(pools.values(), draining=sup.draining or not sup.running)
+            draining = health.shutting_down(self.supervisor)
+            status, body = health.ready(pools.values(), draining=draining)
         else:
             # /health/worker/<name> reaches any worker, those named live, ready or worker too
             if sub.startswith(b"worker/"):

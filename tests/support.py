@@ -95,6 +95,13 @@ class Project:
         lines += ["admin:", f'  listen: "tcp:{self.admin_port}:interface=127.0.0.1"']
         self.write("etc/server.yaml", "\n".join(lines) + "\n")
 
+    def add_server_settings(self, lines: str) -> None:
+        """``lines`` (indented YAML, newline-ended) added to etc/server.yaml's server:."""
+        path = os.path.join(self.root, "etc", "server.yaml")
+        with open(path) as f:
+            text = f.read()
+        self.write("etc/server.yaml", text.replace("server:\n", "server:\n" + lines, 1))
+
     def write(self, relpath: str, text: str) -> str:
         path = os.path.join(self.root, relpath)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -53,11 +53,10 @@ class AccessLogBehindHAProxyTests(IntegrationBase):
         project = self.make_project()
         project.write("workers/app/src/main.py", APP)
         project.write("workers/app/config/worker.yaml", "path: /app\n")
-        text = open(os.path.join(project.root, "etc", "server.yaml")).read()
-        text = text.replace("server:\n", 'server:\n  access_log_file: "logs/access.log"\n'
-                            '  access_log_format: combined\n  access_log_exclude_health: true\n'
-                            '  trusted_proxies: ["127.0.0.1"]\n', 1)
-        project.write("etc/server.yaml", text)
+        project.add_server_settings('  access_log_file: "logs/access.log"\n'
+                                    '  access_log_format: combined\n'
+                                    '  access_log_exclude_health: true\n'
+                                    '  trusted_proxies: ["127.0.0.1"]\n')
         proc = self.start(project, "--mode", "prod")
         client = Client(self)
         await self.wait_healthy(client, project, proc, ["app"], timeout=120)
@@ -110,11 +109,8 @@ class AccessLogOfProxyProcessesTests(IntegrationBase):
         from .test_proxy_processes_integration import proxy_processes
 
         project = self.make_project()
-        path = os.path.join(project.root, "etc", "server.yaml")
-        text = open(path).read().replace(
-            "server:\n",
-            'server:\n  proxy_processes: 2\n  access_log_file: "logs/access_{date}.log"\n', 1)
-        project.write("etc/server.yaml", text)
+        project.add_server_settings('  proxy_processes: 2\n'
+                                    '  access_log_file: "logs/access_{date}.log"\n')
         project.write("workers/app/src/main.py", APP)
         project.write("workers/app/config/worker.yaml", "path: /app\n")
         proc = self.start(project, "--mode", "prod")

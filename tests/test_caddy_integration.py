@@ -60,11 +60,7 @@ class CaddyInFrontTests(FrameworkBase):
 
     async def _caddy(self):
         project = self.make_project()
-        config = os.path.join(project.root, "etc", "server.yaml")
-        with open(config) as f:
-            text = f.read()
-        with open(config, "w") as f:
-            f.write(text.replace("server:\n", 'server:\n  trusted_proxies: ["127.0.0.1"]\n'))
+        project.add_server_settings('  trusted_proxies: ["127.0.0.1"]\n')
         project.write("workers/shop/config/worker.yaml", 'type: python\npython:\n  app: "app:app"\n')
         project.write("workers/shop/requirements.txt", "flask>=3.0,<4\n")
         project.write("workers/shop/app.py", FLASK_APP)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import sys
 
-from twisted.internet import utils
 from twisted.trial import unittest
 
-from .support import REPO, Client, Project, kill_leftovers, short_dir, stop_twistd, wait_until
+from .support import Client, Project, kill_leftovers, short_dir, stop_twistd, wait_until
+from .test_cli_integration import tqserver
 from .test_integration import PY_WORKER, IntegrationBase, d
 
 PRLIMIT = shutil.which("prlimit")
@@ -48,11 +47,9 @@ class FreshForegroundTests(IntegrationBase):
         admin = Client(self, unix_socket=sock)
         code, status = await admin.get_json("http://localhost/_tqserver/api/status")
         self.assertEqual((code, sorted(status["workers"])), (200, ["app"]))
-        out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "tqserver.cli", "status", "--root", project.root],
-            env=dict(os.environ, PYTHONPATH=REPO))
-        self.assertEqual(code, 0, err.decode())
-        self.assertIn(b"app", out)
+        code, out, err = await tqserver(project.root, "status")
+        self.assertEqual(code, 0, err)
+        self.assertIn("app", out)
         self.assertEqual(await stop_twistd(proc), 0)
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-
-from twisted.internet import utils
 
 from .php_support import require_php_fpm
 from .support import REPO, Client, Project, kill_leftovers, short_dir, stop_twistd, wait_until
+from .test_cli_integration import tqserver
 from .test_frameworks_integration import FrameworkBase
 from .test_integration import d
 from .test_polyglot_integration import require_bun, require_kotlin
@@ -60,10 +58,8 @@ class ExampleSiteAsShippedTests(FrameworkBase):
 
         sock = os.path.join(project.root, "run", "tqserver-admin.sock")
         self.assertTrue(os.path.exists(sock))
-        out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "tqserver.cli", "status", "--json", "--root", project.root],
-            env=dict(os.environ, PYTHONPATH=REPO))
-        self.assertEqual(code, 0, err.decode())
+        code, out, err = await tqserver(project.root, "status", "--json")
+        self.assertEqual(code, 0, err)
         workers = json.loads(out)["workers"]
         self.assertEqual(sorted(workers), sorted(os.listdir(os.path.join(REPO, "workers"))))
         self.assertEqual({w["status"] for w in workers.values()}, {"healthy"})

@@ -3,7 +3,6 @@ where one worker's build is broken (its requirements name a package that is not 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 
 from twisted.internet import defer, protocol, reactor, utils
@@ -21,6 +20,7 @@ from .support import (
     wait_until,
 )
 from .test_integration import PY_WORKER, d
+from .test_proxy import RawClient
 
 # The good worker takes a while before it listens: /health/ready is seen 503 before its
 # first healthy probe.
@@ -42,12 +42,9 @@ class HealthBase(unittest.TestCase):
         project = Project(os.path.abspath(self.mktemp()), **settings)
         self.addCleanup(kill_leftovers, project.root)
         if server:
-            path = os.path.join(project.root, "etc", "server.yaml")
-            with open(path) as f:
-                text = f.read()
-            with open(path, "w") as f:
-                f.write(text.replace("server:\n", "server:\n" + server) + "health:\n"
-                        "  degraded_status: 503\n")
+            project.add_server_settings(server)
+            with open(os.path.join(project.root, "etc", "server.yaml"), "a") as f:
+                f.write("health:\n  degraded_status: 503\n")
         project.write("workers/good/src/main.py", good)
         project.write("workers/good/config/worker.yaml", "path: /good\n")
         broken_build(project, "broken")
@@ -114,47 +111,41 @@ SLOW_PATH_WORKER = PY_WORKER.replace(
     "        import time; time.sleep(2)\n")
 
 
-class KeptAlive(protocol.Protocol):
+class KeptAlive(RawClient):
     """One client connection kept open across requests (a load balancer's)."""
 
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.closed = True
-
     async def get(self, path: str, proc) -> bytes:
-        """The next response's head and body (Content-Length framed)."""
+        """The next response's head and body."""
         self.data = b""
         self.transport.write(b"GET %s HTTP/1.1\r\nHost: lb\r\n\r\n" % path.encode())
 
         async def whole():
-            head, sep, body = self.data.partition(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length: *(\d+)", head)
-            return bool(sep and length and len(body) >= int(length.group(1))) or self.closed
+            return self.response_complete()
         await wait_until(whole, 10, f"the answer to {path}", proc)
         return self.data
 
 
-class DrainingTests(HealthBase):
+class ShutdownBase(HealthBase):
+    async def ready_in_prod(self, **project_kw):
+        """(project, twistd, client) once /health/ready answers 200: both workers good."""
+        project = self.project(**project_kw)
+        os.remove(os.path.join(project.root, "workers", "broken", "requirements.txt"))
+        proc = self.start(project, "--mode", "prod")
+        client = Client(self)
+
+        async def ready():
+            response, _ = await client.get(project.url + "/health/ready")
+            return response.code == 200
+        await wait_until(ready, 60, "/health/ready 200", proc)
+        return project, proc, client
+
+
+class DrainingTests(ShutdownBase):
     def test_not_ready_while_draining_for_shutdown(self):
         return d(self._draining())
 
     async def _draining(self):
-        project = self.project(good=SLOW_PATH_WORKER)
-        os.remove(os.path.join(project.root, "workers", "broken", "requirements.txt"))
-        proc = self.start(project, "--mode", "prod")
-        client = Client(self)
-        url = project.url + "/health"
-
-        async def ready():
-            response, _ = await client.get(url + "/ready")
-            return response.code == 200
-        await wait_until(ready, 60, "/health/ready 200", proc)
+        project, proc, client = await self.ready_in_prod(good=SLOW_PATH_WORKER)
         lb = await protocol.ClientCreator(reactor, KeptAlive).connectTCP(
             "127.0.0.1", project.port)
         self.addCleanup(lambda: lb.closed or lb.transport.loseConnection())
@@ -171,20 +162,13 @@ class DrainingTests(HealthBase):
         self.assertEqual(await stop_twistd(proc), 0)
 
 
-class ShutdownDelayTests(HealthBase):
+class ShutdownDelayTests(ShutdownBase):
     def test_not_ready_but_serving_for_the_delay_then_stopped(self):
         return d(self._delay())
 
     async def _delay(self):
-        project = self.project(server="  shutdown_delay_seconds: 1.5\n")
-        os.remove(os.path.join(project.root, "workers", "broken", "requirements.txt"))
-        proc = self.start(project, "--mode", "prod")
-        client = Client(self)
-
-        async def ready():
-            response, _ = await client.get(project.url + "/health/ready")
-            return response.code == 200
-        await wait_until(ready, 60, "/health/ready 200", proc)
+        project, proc, client = await self.ready_in_prod(
+            server="  shutdown_delay_seconds: 1.5\n")
         proc.transport.signalProcess("TERM")
         await sleep(0.3)
         # New connections still get through: not ready, yet serving.

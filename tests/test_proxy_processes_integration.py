@@ -51,10 +51,7 @@ class ProxyProcessesTests(IntegrationBase):
         """twistd with proxy_processes: 2 and one worker, app on /app, serving through
         both proxy processes: (project, twistd, client)."""
         project = self.make_project()
-        path = os.path.join(project.root, "etc", "server.yaml")
-        with open(path) as f:
-            text = f.read()
-        project.write("etc/server.yaml", text.replace("server:\n", "server:\n  proxy_processes: 2\n"))
+        project.add_server_settings("  proxy_processes: 2\n")
         project.write("workers/app/src/main.py", worker)
         project.write("workers/app/config/worker.yaml", "path: /app\n")
         proc = self.start(project, *args)
